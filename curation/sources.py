@@ -142,46 +142,55 @@ def stream_json_array(path: Path, chunk_chars: int = 1 << 22) -> Iterator[tuple[
     decoder = json.JSONDecoder()
     with path.open("r", encoding="utf-8") as f:
         buf = f.read(chunk_chars)
-        consumed_bytes = 0  # bytes of the file before buf[0]
+        base = 0  # byte offset of buf[0] in the file
+        last_end_abs = 0  # byte offset just after the last complete record
+        last_end = -1  # the same as an index into buf, or -1 if before buf
         pos = buf.find("[")
         if pos < 0:
             raise DataError(f"{path}: expected a JSON array (no '[' found).")
         pos += 1
         index = 0
         eof = False
+
+        def refill() -> bool:
+            """Drop the consumed prefix of buf and append the next chunk; False at EOF."""
+            nonlocal buf, base, pos, last_end, last_end_abs
+            more = f.read(chunk_chars)
+            if not more:
+                return False
+            if last_end >= 0:
+                last_end_abs = base + len(buf[:last_end].encode("utf-8"))
+                last_end = -1
+            base += len(buf[:pos].encode("utf-8"))
+            buf, pos = buf[pos:] + more, 0
+            return True
+
+        def truncated() -> TruncatedJson:
+            offset = base + len(buf[:last_end].encode("utf-8")) if last_end >= 0 else last_end_abs
+            return TruncatedJson(path, offset, index)
+
         while True:
             while pos < len(buf) and buf[pos] in " \t\r\n,":
                 pos += 1
-            if pos >= len(buf) or (not eof and len(buf) - pos < chunk_chars // 2):
-                more = f.read(chunk_chars)
-                if more:
-                    consumed_bytes += len(buf[:pos].encode("utf-8"))
-                    buf = buf[pos:] + more
-                    pos = 0
-                    continue
-                eof = True
-                if pos >= len(buf):
-                    warnings.warn(TruncatedJson(path, consumed_bytes + len(buf[:pos].encode("utf-8")), index))
-                    return
+            if not eof and len(buf) - pos < chunk_chars // 2:
+                eof = not refill()
+                continue
+            if pos >= len(buf):
+                warnings.warn(truncated())
+                return
             if buf[pos] == "]":
                 return
             try:
                 obj, end = decoder.raw_decode(buf, pos)
             except json.JSONDecodeError:
                 if not eof:
-                    more = f.read(chunk_chars)
-                    if more:
-                        consumed_bytes += len(buf[:pos].encode("utf-8"))
-                        buf = buf[pos:] + more
-                        pos = 0
-                        continue
-                    eof = True
-                offset = consumed_bytes + len(buf[:pos].encode("utf-8"))
-                warnings.warn(TruncatedJson(path, offset, index))
+                    eof = not refill()
+                    continue
+                warnings.warn(truncated())
                 return
             index += 1
             yield index, obj
-            pos = end
+            pos = last_end = end
 
 
 class TruncatedJson(UserWarning):

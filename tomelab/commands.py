@@ -64,11 +64,19 @@ def _sources(args: argparse.Namespace) -> int:
         r = load_source(cfg, progress=True)
         quarantine += r.quarantine
         stats.append(r.stats.to_dict())
-        reasons = ", ".join(f"{k}={v}" for k, v in r.stats.dropped.items()) or "-"
-        table.add_row(cfg.name, cfg.kind, r.origin, f"{r.stats.rows_in:,}", f"{r.stats.kept:,}",
+        reasons = "\n".join(f"{k}={v}" for k, v in r.stats.dropped.items()) or "-"
+        table.add_row(cfg.name, cfg.kind, _short(r.origin), f"{r.stats.rows_in:,}", f"{r.stats.kept:,}",
                       f"{r.stats.n_dropped:,}", reasons, f"{r.stats.seconds:.1f}")
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
+    for w in (w for s in stats for w in s["extra"].get("warnings", [])):
+        print(f"warning: {w}")
     write_jsonl(out / "quarantine.jsonl", quarantine)
     write_json(out / "stats.json", stats)
     print(f"quarantined rows (file, row, reason): {out / 'quarantine.jsonl'}")
     return 0
+
+
+def _short(origin: str) -> str:
+    """A file path as its last two parts; hub ids as they are."""
+    p = Path(origin)
+    return origin if not p.is_absolute() else str(Path(*p.parts[-2:]))

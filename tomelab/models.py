@@ -166,19 +166,19 @@ def pull_model(name: str, *, force: bool = False) -> Path:
 
 
 def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from tomelab.gguf_tokenizer import tokenizer_from_gguf
 
     t0 = time.perf_counter()
     log.info("converting %s from %s (one-off)", spec.name, gguf)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = tokenizer_from_gguf(gguf, chat_template=spec.chat_template)  # transformers' own GGUF tokenizer is broken
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save GGUF-loaded models; after dequantisation they are plain fp32.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if spec.chat_template:
-        tok.chat_template = spec.chat_template
     if spec.eos_token:
         eos_id = tok.convert_tokens_to_ids(spec.eos_token)
         if eos_id is None or eos_id == tok.unk_token_id:
