@@ -35,8 +35,12 @@ sources: setup
 demo: setup
 	bash scripts/demo.sh
 
+# The Argilla stack (redis + noida-db + argilla-server, own venv) and the selenium venv are built on
+# first use; `argilla.sh with` starts the stack only if it is down, sets TOMELAB_ARGILLA_REQUIRED=1
+# (server tests fail rather than skip) and stops what it started.
 test: setup system-deps models
-	$(BIN)/python -m pytest -q
+	bash scripts/argilla.sh setup-browser
+	bash scripts/argilla.sh with -- $(BIN)/python -m pytest -q
 
 test-slow: setup system-deps models
 	$(BIN)/python -m pytest -q -m slow

@@ -1,10 +1,104 @@
-"""`tomelab review` (placeholder until the Argilla issue lands)."""
+"""`tomelab review server|push|pull|apply`: human review of a variant in Argilla."""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
 
-from tomelab.cli import not_built
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "argilla.sh"
+
+
+def _config(args: argparse.Namespace):
+    from curation.review import load_review_config
+
+    cfg = load_review_config(args.config)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("n", "strategy", "seed", "workspace", "extend_k", "extend_min_similarity", "holdout_share", "embed_model", "timeout_s")
+        if getattr(args, k, None) is not None
+    }
+    try:
+        return dataclasses.replace(cfg, **overrides)
+    except ValueError as e:  # ReviewConfig.__post_init__
+        from tomelab.errors import ConfigError
+
+        raise ConfigError(f"bad review option: {e}") from None
+
+
+def _print(st) -> int:
+    print(json.dumps(st.to_dict(), indent=2, default=str))
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    return subprocess.call(["bash", str(SCRIPT), args.action])
+
+
+def _push(args: argparse.Namespace) -> int:
+    from curation.review import push
+
+    return _print(push(args.variant, _config(args)))
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from curation.review import pushed_variants, pull
+    from tomelab.errors import TomelabError
+
+    names = [args.variant] if args.variant else pushed_variants()
+    if not names:
+        raise TomelabError("no variant has been pushed yet: run `tomelab review push --variant NAME` first.")
+    cfg = _config(args)
+    for name in names:
+        _print(pull(name, cfg))
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from curation.review import apply_review
+
+    return _print(apply_review(args.variant, _config(args), cards_dir=args.cards_dir, force=args.force))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("review", help="human review in Argilla: push, pull, apply")
-    p.set_defaults(func=not_built("review", "issue #7"))
+    p = sub.add_parser(
+        "review",
+        help="human review in Argilla: server, push, pull, apply",
+        description="Server: ARGILLA_API_URL + ARGILLA_API_KEY, else the local one from scripts/argilla.sh.",
+    )
+    rsub = p.add_subparsers(dest="review_command", metavar="ACTION", required=True)
+
+    s = rsub.add_parser("server", help="start|stop|status the local Argilla (scripts/argilla.sh)")
+    s.add_argument("action", choices=["start", "stop", "restart", "status", "env"])
+    s.set_defaults(func=_server)
+
+    def common(q: argparse.ArgumentParser, variant_required: bool = True) -> None:
+        q.add_argument("--variant", required=variant_required, help="variant name under artifacts/variants/")
+        q.add_argument("--config", type=Path, help="TOML with a [review] table (flags override it)")
+        q.add_argument("--workspace", help="Argilla workspace (default: the user's first)")
+        q.add_argument("--timeout-s", dest="timeout_s", type=float, help="server check timeout (default 5)")
+
+    q = rsub.add_parser("push", help="send rows of a variant to Argilla for labelling")
+    common(q)
+    q.add_argument("--n", type=int, help="how many rows (default 200)")
+    q.add_argument("--strategy", choices=["random", "low-score", "near-dup-pairs", "disagreement"])
+    q.add_argument("--seed", type=int)
+    q.add_argument("--embed-model", dest="embed_model", choices=["minilm", "m2v"])
+    q.set_defaults(func=_push)
+
+    q = rsub.add_parser("pull", help="store every submitted response under the variant (default: every pushed variant)")
+    common(q, variant_required=False)
+    q.set_defaults(func=_pull)
+
+    q = rsub.add_parser("apply", help="write variant NAME-reviewed from the pulled labels (offline)")
+    common(q)
+    q.add_argument("--extend-k", dest="extend_k", type=int, help="extend labels to unlabelled rows by k nearest labelled neighbours (0 = off)")
+    q.add_argument("--extend-min-similarity", dest="extend_min_similarity", type=float)
+    q.add_argument("--holdout-share", dest="holdout_share", type=float)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--embed-model", dest="embed_model", choices=["minilm", "m2v"])
+    q.add_argument("--cards-dir", dest="cards_dir", type=Path, help="where the data card goes (default data_cards/)")
+    q.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    q.set_defaults(func=_apply)
