@@ -1,11 +1,22 @@
-"""`tomelab curate` (placeholder until the curation issue lands)."""
+"""`tomelab curate configs/variants/NAME.toml [--force]`: build one dataset variant from a recipe."""
+
+from __future__ import annotations
 
 import argparse
 
-from tomelab.cli import not_built
+
+def _curate(args: argparse.Namespace) -> int:
+    from curation.pipeline import curate
+
+    for recipe in args.recipe:
+        out = curate(recipe, force=args.force, progress=not args.quiet)
+        print(f"variant written to {out}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("curate", help="build a dataset variant from a recipe TOML")
-    p.add_argument("recipe", help="configs/variants/NAME.toml")
-    p.set_defaults(func=not_built("curate", "issue #4"))
+    p = sub.add_parser("curate", help="build dataset variant(s) from recipe TOML(s)")
+    p.add_argument("recipe", nargs="+", help="configs/variants/NAME.toml (several build in order)")
+    p.add_argument("--force", action="store_true", help="recompute every stage instead of resuming")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_curate)

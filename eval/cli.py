@@ -1,12 +1,73 @@
-"""`tomelab eval` / `tomelab ablate` (placeholders until the evaluation issue lands)."""
+"""`tomelab eval RUN` and `tomelab ablate CONFIG`."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from tomelab.cli import not_built
+DEFAULT_EVAL_CONFIG = "configs/eval/default.toml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a run on the held-out sets")
-    p.set_defaults(func=not_built("eval", "issue #6"))
-    p = sub.add_parser("ablate", help="curate, train and evaluate every variant x seed")
-    p.set_defaults(func=not_built("ablate", "issue #6"))
+    p = sub.add_parser("eval", help="evaluate a run (or a base model) on held-out, IFEval and GSM8K")
+    p.add_argument("run", help="run dir artifacts/runs/<variant>/<base>/<seed>, or a base model name")
+    p.add_argument("--config", default=DEFAULT_EVAL_CONFIG, help="eval TOML (default: %(default)s)")
+    p.add_argument("--heldout-dir", default=None,
+                   help="held-out set folder (default: the one in the run's variant stats.json)")
+    p.add_argument("--force", action="store_true", help="recompute even when cached outputs match")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("ablate", help="curate, train and evaluate every variant x seed; leaderboard and winner")
+    p.add_argument("config", help="ablation TOML, e.g. configs/ablation.toml")
+    p.set_defaults(func=_ablate)
+
+
+def _heldout_for(run: str) -> Path | None:
+    """The held-out dir recorded by the run's variant (run dir -> config.json -> variant stats.json)."""
+    from tomelab import paths
+    from tomelab.io import read_json
+
+    rd = Path(run)
+    if not rd.is_dir():
+        cands = sorted(paths.variants_dir().glob("*/stats.json")) if paths.variants_dir().is_dir() else []
+        dirs = {read_json(c).get("heldout_dir") for c in cands} - {None}
+        return Path(dirs.pop()) if len(dirs) == 1 else None
+    variant = rd.resolve().parent.parent.name
+    st = paths.variants_dir() / variant / "stats.json"
+    return Path(read_json(st)["heldout_dir"]) if st.is_file() else None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from eval.config import EvalConfig
+    from eval.evaluate import evals_dir, evaluate, run_key
+    from tomelab.config import load_config
+    from tomelab.errors import TomelabError
+
+    cfg = load_config(args.config, EvalConfig)
+    rd = Path(args.run)
+    if ("/" in args.run or rd.exists()) and not rd.is_dir() and args.run.count("/") != 1:
+        raise TomelabError(f"run {args.run} does not exist. List runs with `ls artifacts/runs/*/*/`.")
+    heldout = Path(args.heldout_dir) if args.heldout_dir else _heldout_for(args.run)
+    if "heldout" in cfg.enabled_sets() and heldout is None:
+        raise TomelabError("no held-out set known for this run: pass --heldout-dir artifacts/heldout/<key> "
+                           "or curate a variant first (`tomelab curate configs/variants/random.toml`).")
+    res = evaluate(args.run, cfg, heldout_dir=heldout, force=args.force)
+    t = Table(title=f"eval {res['run_key']} ({args.config})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in res["metrics"].items():
+        t.add_row(k, "n/a" if v is None else f"{v:.4f}")
+    Console().print(t)
+    print(f"per-item outputs: {evals_dir() / run_key(args.run)}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from eval.ablate import run_ablation
+
+    out = run_ablation(args.config)
+    print(f"leaderboard: {out / 'leaderboard.md'}\nwinner: {out / 'winner.json'}")
+    return 0

@@ -37,3 +37,21 @@ def smollm2_dir() -> Path:
     from tomelab.models import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def m2v_models_dir() -> Path:
+    """The distilled model2vec embedder, made once in the real cache (curation.embed distils on first use)."""
+    from curation.embed import Embedder
+
+    real_cache = paths.cache_dir()
+    Embedder("m2v", cache_dir=real_cache)
+    return real_cache / "models"
+
+
+@pytest.fixture
+def curation_home(tmp_home: Path, m2v_models_dir: Path) -> Path:
+    """tmp_home plus the shared distilled embedder, so curation tests never re-distil it."""
+    (tmp_home / "cache").mkdir(exist_ok=True)
+    (tmp_home / "cache" / "models").symlink_to(m2v_models_dir, target_is_directory=True)
+    return tmp_home

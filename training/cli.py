@@ -1,12 +1,47 @@
-"""`tomelab train` / `tomelab export` (placeholders until the training issue lands)."""
+"""`tomelab train` (one variant x base x seed) and `tomelab export RUN` (merged safetensors, optional GGUF)."""
+
+from __future__ import annotations
 
 import argparse
 
-from tomelab.cli import not_built
-
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="LoRA/QLoRA fine-tune one variant with one seed")
-    p.set_defaults(func=not_built("train", "issue #5"))
-    p = sub.add_parser("export", help="merge a run's adapter into full safetensors")
-    p.set_defaults(func=not_built("export", "issue #5"))
+    p = sub.add_parser("train", help="LoRA/QLoRA fine-tune one variant with one seed (resumes, skips finished runs)")
+    p.add_argument("--variant", required=True, help="curated variant name (artifacts/variants/<name>/train.parquet)")
+    p.add_argument("--base", default="smollm2-135m-instruct", help="base model: registry name, hub id or folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, LoRA init and dropout (default: %(default)s)")
+    p.add_argument("--config", default=None, help="train TOML (default: configs/train/default.toml)")
+    p.add_argument("--force", action="store_true", help="retrain from scratch even if the run is finished")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="merge a run's adapter into full safetensors (optionally also GGUF)")
+    p.add_argument("run", help="run dir artifacts/runs/<variant>/<base>/<seed> (or <variant>/<base>/<seed>)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/merged)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved weight dtype (default: %(default)s)")
+    p.add_argument("--gguf", default=None, metavar="OUTTYPE", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="also write model-OUTTYPE.gguf with llama.cpp's converter (needs llama-cpp-python)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.set_defaults(func=_export)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.recipe import load_train_config
+    from training.train import METRICS, train_run
+    from tomelab.io import read_json
+
+    cfg = load_train_config(args.config)
+    run_dir = train_run(args.variant, args.base, args.seed, cfg, force=args.force)
+    m = read_json(run_dir / METRICS)
+    print(
+        f"{run_dir}: {m['steps']} steps, {m['tokens_seen']:,} tokens at {m['tok_s']} tok/s, "
+        f"train loss {m['final_train_loss']}, val loss {m['final_val_loss']}, peak RSS {m['peak_rss_mb']:.0f} MB"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export_run
+
+    out = export_run(args.run, out=args.out, dtype=args.dtype, gguf=args.gguf, force=args.force)
+    print(out)
+    return 0

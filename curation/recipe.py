@@ -1,0 +1,225 @@
+"""Variant recipes: typed dataclasses loaded from TOML, with `extends` for a shared base.
+
+All variants of one ablation extend one base file (sources, held-out split, budget, decontamination),
+so they differ only in the curation stages they switch on. `extends` merges tables recursively;
+a list in the child replaces the base's list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from curation.sources import SourceConfig
+from tomelab import paths
+from tomelab.config import from_dict, read_toml
+from tomelab.errors import ConfigError
+
+FILTER_NAMES = ("length", "language", "repetition", "refusal", "broken_turns", "truncated")
+
+
+@dataclass
+class HeldoutConfig:
+    """Held-out rows split from the raw pool of `sources` before any curation, fixed by `seed`.
+    An empty `sources` means the recipe's first pool source."""
+
+    sources: list[str] = field(default_factory=list)
+    test_rows: int = 300
+    val_rows: int = 100
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.test_rows < 1 or self.val_rows < 0:
+            raise ValueError("test_rows must be >= 1 and val_rows >= 0")
+
+
+@dataclass
+class ExactDedupConfig:
+    enabled: bool = False
+
+
+@dataclass
+class MinHashConfig:
+    """Near-dup MinHash/LSH (rensa). Defaults follow datatrove: word 5-gram shingles, 0.8 Jaccard."""
+
+    enabled: bool = False
+    num_perm: int = 128
+    threshold: float = 0.8
+    ngram: int = 5
+    seed: int = 42
+    max_chars: int = 4000  # shingle only the first N characters (long tails add cost, not signal)
+
+
+@dataclass
+class SemanticDedupConfig:
+    """Embeddings + faiss kNN; rows with cosine >= threshold to a better kept row are dropped."""
+
+    enabled: bool = False
+    model: str = "m2v"
+    threshold: float = 0.95
+    k: int = 10
+    text: Literal["conversation", "prompt"] = "conversation"
+
+
+@dataclass
+class FiltersConfig:
+    """Heuristic filters; each one named in `enabled` is applied, in the order of FILTER_NAMES."""
+
+    enabled: list[str] = field(default_factory=list)
+    min_prompt_tokens: int = 3
+    max_prompt_tokens: int = 2048
+    min_response_tokens: int = 5
+    max_response_tokens: int = 4096
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    language_chars: int = 400
+    max_dup_ngram_ratio: float = 0.50  # share of repeated word 3-grams within one assistant turn
+    max_dup_line_ratio: float = 0.50  # share of repeated lines (> 10 chars) within one assistant turn
+    language_min_words: int = 5  # shorter texts (code, numbers, "thanks") are not judged
+    # Rust-regex syntax (searched case-insensitively by polars; no look-around).
+    refusal_patterns: list[str] = field(default_factory=lambda: [
+        r"as an ai language model", r"as an ai model", r"as a language model", r"i['’]?m (just )?an ai\b",
+        r"i (cannot|can['’]t|am unable to|am not able to) (provide|assist|fulfill|browse|access)",
+        r"i (cannot|can['’]t) help (you )?with", r"i['’]?m sorry, but i (cannot|can['’]t)",
+        r"my knowledge cutoff", r"(trained|developed|created) by openai",
+    ])
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.enabled if f not in FILTER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown filter(s) {unknown}; choose from {list(FILTER_NAMES)}")
+        import re
+
+        for p in self.refusal_patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"refusal_patterns entry {p!r} is not a valid regex ({e})") from None
+
+
+@dataclass
+class QualityConfig:
+    """Model-based quality on candidates only: IFD and response NLL with the small base model.
+
+    IFD = ppl(answer | instruction) / ppl(answer alone) when ifd_kind = "ppl" (Cherry LLM's code),
+    or the ratio of mean token losses when ifd_kind = "loss". Rows with IFD >= max_ifd (the
+    instruction does not help) are dropped, then the top rows by `select_by` are kept per source.
+    """
+
+    enabled: bool = False
+    model: str = "smollm2-135m-instruct"
+    ifd_kind: Literal["ppl", "loss"] = "ppl"
+    select_by: Literal["ifd", "nll", "score"] = "ifd"
+    candidates_factor: float = 2.0  # score at most this many x the per-source budget
+    max_ifd: float = 1.0
+    min_score: float | None = None  # FineTome's own `score` threshold, when the source has one
+    max_prompt_tokens: int = 128
+    max_answer_tokens: int = 64
+    batch_size: int = 8
+
+
+@dataclass
+class TestSetConfig:
+    """An evaluation set to decontaminate against. `path` may start with `shared:` for ../shared/data."""
+
+    name: str
+    path: str
+    fields: list[str] = field(default_factory=lambda: ["prompt"])
+
+
+@dataclass
+class DecontamConfig:
+    """Drop training rows that share an n-gram or a near-identical prompt embedding with a test item."""
+
+    enabled: bool = True
+    ngram: int = 13
+    embed_threshold: float = 0.92
+    model: str = "m2v"
+    include_heldout: bool = True
+    test_sets: list[TestSetConfig] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    """One dataset variant. `budget_rows` is the same for all variants of one ablation."""
+
+    name: str
+    budget_rows: int
+    sources: list[SourceConfig]
+    description: str = ""
+    seed: int = 0
+    pool: list[str] = field(default_factory=list)  # sources sampled from; empty = all in `mix` or the first
+    mix: dict[str, float] = field(default_factory=dict)  # source -> share of the budget
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    semantic_dedup: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+
+    def __post_init__(self) -> None:
+        if self.budget_rows < 1:
+            raise ValueError("budget_rows must be >= 1")
+        names = [s.name for s in self.sources]
+        if not names:
+            raise ValueError("list at least one [[sources]]")
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[sources]] names must be unique, got {names}")
+        for key, listed in (("pool", self.pool), ("mix", list(self.mix)), ("heldout.sources", self.heldout.sources)):
+            bad = [n for n in listed if n not in names]
+            if bad:
+                raise ValueError(f"`{key}` names unknown source(s) {bad}; the recipe's sources are {names}")
+        if self.mix:
+            if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ValueError("`mix` shares must be >= 0 and sum to more than 0")
+        if not self.heldout.sources:
+            self.heldout.sources = [self.pool_sources[0]]
+
+    @property
+    def pool_sources(self) -> list[str]:
+        if self.mix:
+            return [n for n, v in self.mix.items() if v > 0]
+        return self.pool or [self.sources[0].name]
+
+    def shares(self) -> dict[str, float]:
+        """Each pool source's share of the budget (sums to 1)."""
+        if self.mix:
+            total = sum(self.mix.values())
+            return {n: v / total for n, v in self.mix.items() if v > 0}
+        return {}
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe's TOML with its `extends` chain merged in (base first)."""
+    p = Path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"{path}: `extends` makes a cycle: {' -> '.join(str(s) for s in (*_seen, p))}.")
+    data = read_toml(p)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` must be a file name such as \"_base.toml\".")
+    return _merge(read_recipe_dict(p.parent / parent, (*_seen, p)), data)
+
+
+def resolve_data_path(s: str) -> Path:
+    """`shared:gsm8k/test.jsonl` -> ../shared/data/gsm8k/test.jsonl; anything else as given."""
+    if s.startswith("shared:"):
+        return paths.shared_data_dir() / s[len("shared:"):]
+    return Path(s).expanduser()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and validate a recipe; the variant name defaults to the file name."""
+    data = read_recipe_dict(path)
+    data.setdefault("name", Path(path).stem)
+    return from_dict(Recipe, data, file=str(path))

@@ -1,0 +1,176 @@
+"""Typed configs for evaluation (`configs/eval/*.toml`) and ablation (`configs/ablation*.toml`).
+
+Kept separate from the code so a quick run and the full run differ only in TOML: item limits and
+max new tokens are the levers that trade CPU time for precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EVAL_SETS = ("heldout", "ifeval", "gsm8k")
+
+# Ablation metric -> (eval set, per-item score key, per-item weight key or None, higher is better).
+# Each is a weighted mean of per-item scores, so the paired bootstrap can resample items.
+METRICS: dict[str, tuple[str, str, str | None, bool]] = {
+    "heldout_nll": ("heldout", "nll", "n_tokens", False),  # mean NLL per assistant token
+    "heldout_rougeL": ("heldout", "rougeL", None, True),
+    "heldout_cosine": ("heldout", "cosine", None, True),
+    "ifeval_prompt_strict": ("ifeval", "prompt_strict", None, True),
+    "ifeval_inst_strict": ("ifeval", "inst_strict", "n_inst", True),
+    "ifeval_prompt_loose": ("ifeval", "prompt_loose", None, True),
+    "ifeval_inst_loose": ("ifeval", "inst_loose", "n_inst", True),
+    "gsm8k_em": ("gsm8k", "em", None, True),
+}
+
+
+@dataclass
+class HeldoutConfig:
+    """Held-out conversations: NLL is cheap (one forward pass); generation for ROUGE-L/cosine is not."""
+
+    enabled: bool = True
+    limit: int | None = None  # items (conversations); None = all
+    generate: bool = True  # also generate answers for ROUGE-L and embedding cosine
+    generate_limit: int | None = None  # generate for the first N of the scored items only
+    max_new_tokens: int = 128
+    max_length: int = 1024  # tokens per conversation for NLL (longer ones are truncated)
+    max_prompt_tokens: int = 512  # generate only for items whose prompt fits (long ShareGPT threads are skipped)
+    embed_model: Literal["m2v", "minilm"] = "m2v"
+
+
+@dataclass
+class GenSetConfig:
+    """A generation benchmark (IFEval, GSM8K): item limit, token budget, optional local path."""
+
+    enabled: bool = True
+    limit: int | None = None
+    max_new_tokens: int = 256
+    path: str = ""  # empty: ../shared/data/<set>/...
+
+
+@dataclass
+class EvalConfig:
+    """One fixed decoding config (greedy) shared by every model, so outputs are comparable."""
+
+    batch_size: int = 16
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch intra-op threads while evaluating; 0 keeps torch's default. On a CPU shared by several jobs,
+    # 1 thread generated ~5x faster than 2 here (OpenMP workers spin-wait when preempted).
+    threads: int = 0
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    ifeval: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
+    gsm8k: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0 keeps torch's default)")
+        for name in EVAL_SETS:
+            s = getattr(self, name)
+            if s.limit is not None and s.limit < 1:
+                raise ValueError(f"{name}.limit must be >= 1 (or left out for all items)")
+            if s.max_new_tokens < 1:
+                raise ValueError(f"{name}.max_new_tokens must be >= 1")
+
+    def enabled_sets(self) -> list[str]:
+        return [s for s in EVAL_SETS if getattr(self, s).enabled]
+
+
+@dataclass
+class WinnerRule:
+    """Winner = best mean (over seeds) of `metric` among trained variants; near-ties go to `tie_breaker`."""
+
+    metric: str = "ifeval_prompt_strict"
+    tie_breaker: str = "heldout_nll"
+    tie_tolerance: float = 0.0  # |difference| <= this counts as a tie
+
+    def __post_init__(self) -> None:
+        for m in (self.metric, self.tie_breaker):
+            if m not in METRICS:
+                raise ValueError(f"unknown metric {m!r}; choose one of {', '.join(METRICS)}")
+
+    def describe(self) -> str:
+        a = "higher" if METRICS[self.metric][3] else "lower"
+        b = "higher" if METRICS[self.tie_breaker][3] else "lower"
+        return (
+            f"best mean {self.metric} across seeds ({a} is better) among trained variants; "
+            f"differences <= {self.tie_tolerance} are ties, broken by mean {self.tie_breaker} ({b} is better); "
+            f"the winning variant's best seed by the same rule is served"
+        )
+
+
+@dataclass
+class Arm:
+    """One model-side setting in a sweep (`[[arms]]`): a base model and/or training overrides, data fixed."""
+
+    name: str
+    variant: str = ""  # empty: the ablation's only variant
+    base: str = ""  # empty: the ablation's `base`
+    train: dict[str, Any] = field(default_factory=dict)  # overrides on top of the ablation's [train]
+
+
+@dataclass
+class AblationConfig:
+    """Variants x seeds on one base model, evaluated on the same items, compared to a baseline."""
+
+    variants: list[str]  # recipe names: configs/variants/<name>.toml (or paths to recipe TOMLs)
+    train_config: str  # TOML for training.recipe.TrainConfig
+    eval_config: str  # TOML for EvalConfig
+    base: str = "smollm2-135m-instruct"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    baseline: str = "random"
+    variants_dir: str = "configs/variants"
+    results_dir: str = "results"
+    metrics: list[str] = field(
+        default_factory=lambda: ["heldout_nll", "heldout_rougeL", "heldout_cosine", "ifeval_prompt_strict",
+                                 "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose", "gsm8k_em"]
+    )
+    ci: bool = True  # paired bootstrap CIs vs the baseline (needs >= 2 seeds)
+    n_bootstrap: int = 2000
+    include_base: bool = True  # evaluate the untouched base model as its own row
+    # overrides of train_config's keys for this ablation only (e.g. a smaller token_budget), so one
+    # recipe file serves several compute sizes; checked against TrainConfig like the file itself
+    train: dict[str, Any] = field(default_factory=dict)
+    winner: WinnerRule = field(default_factory=WinnerRule)
+    # Model-centric sweeps: when set, the leaderboard rows are these arms (baseline = an arm name)
+    # instead of the variants; data stays fixed to `variants` (usually one, the best data variant).
+    arms: list[Arm] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.variants:
+            raise ValueError("variants must list at least one recipe")
+        if self.arms:
+            self._check_arms()
+        elif self.baseline not in self.variants:
+            raise ValueError(f"baseline {self.baseline!r} must be one of the variants {self.variants}")
+        self._check_common()
+
+    def _check_arms(self) -> None:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        if self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} must be one of the arm names {names}")
+        for a in self.arms:
+            if not a.variant and len(self.variants) != 1:
+                raise ValueError(f"arm {a.name!r} names no variant and `variants` has {len(self.variants)}: set arms.variant")
+            if a.variant and a.variant not in self.variants:
+                raise ValueError(f"arm {a.name!r}: variant {a.variant!r} is not in variants {self.variants}")
+            if any(ch in a.name for ch in "/\\ @"):
+                raise ValueError(f"arm name {a.name!r} must not contain '/', '\\', '@' or spaces (it names a folder)")
+
+    def _check_common(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds contain duplicates: {self.seeds}")
+        for m in self.metrics:
+            if m not in METRICS:
+                raise ValueError(f"unknown metric {m!r} in metrics; choose from {', '.join(METRICS)}")
+        if self.ci and len(self.seeds) < 2:
+            raise ValueError(
+                f"ci = true needs >= 2 seeds per variant for a seed-resampling bootstrap, got seeds = {self.seeds}. "
+                "Add seeds (e.g. seeds = [0, 1, 2]) or set ci = false"
+            )

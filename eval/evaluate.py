@@ -1,0 +1,236 @@
+"""`evaluate(ref, cfg, heldout_dir=...)`: every configured eval set, same items for every model.
+
+Outputs per (model, set) go to `artifacts/evals/<run-key>/<set>.jsonl` (one line per item: id, prompt,
+output, reference, scores) plus `metrics.json`. A set whose config, items and model are unchanged is
+read back instead of recomputed, so the base model is evaluated once and an ablation resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from eval.config import METRICS, EvalConfig
+from eval.sets import EvalItem, LoadedSet, load_gsm8k, load_heldout, load_ifeval, score_gsm8k, score_ifeval, stable_subset
+from tomelab import paths
+from tomelab.config import config_hash, to_dict
+from tomelab.errors import TomelabError
+from tomelab.io import read_json, write_json, write_jsonl
+from tomelab.stats import StageStats, Timer
+
+log = logging.getLogger(__name__)
+
+
+def evals_dir() -> Path:
+    return paths.home() / "evals"
+
+
+def run_key(ref: str | Path) -> str:
+    """`base/<name>` for a base model, `<variant>/<base>/<seed>` for a run dir under artifacts/runs."""
+    p = Path(ref)
+    if p.is_dir():
+        p = p.resolve()
+        try:
+            return p.relative_to(paths.runs_dir().resolve()).as_posix()
+        except ValueError:
+            return "path/" + hashlib.sha256(str(p).encode()).hexdigest()[:12] + "-" + p.name
+    if any(ch in str(ref) for ch in "/\\") and not str(ref).count("/") == 1:
+        raise TomelabError(f"run {ref} does not exist. Give a run dir (artifacts/runs/<variant>/<base>/<seed>) or a base model name.")
+    return "base/" + str(ref).replace("/", "__")
+
+
+def _model_fingerprint(ref: str | Path) -> str:
+    """Changes when a run is retrained, so stale cached outputs are not reused."""
+    p = Path(ref)
+    if p.is_dir():
+        m = p / "metrics.json"
+        if not m.is_file():
+            raise TomelabError(f"run {p} has no metrics.json: training did not finish. Re-run `tomelab train` for it.")
+        return hashlib.sha256(m.read_bytes()).hexdigest()[:12]
+    return str(ref)
+
+
+def load_model_for_eval(ref: str | Path, dtype: str) -> tuple[Any, Any]:
+    """The training area's loader (base name or run dir); base models fall back to tomelab.models."""
+    try:
+        from training.load import load_for_inference
+    except ImportError:
+        load_for_inference = None
+    if load_for_inference is not None:
+        return load_for_inference(str(ref), dtype=dtype)
+    if Path(ref).is_dir():
+        raise TomelabError("training.load.load_for_inference is not available yet, so run dirs cannot be loaded.")
+    from tomelab.models import load_model, load_tokenizer
+
+    return load_model(str(ref), dtype=dtype), load_tokenizer(str(ref))
+
+
+def _load_set(name: str, cfg: EvalConfig, heldout_dir: Path | None) -> LoadedSet:
+    if name == "heldout":
+        if heldout_dir is None:
+            raise TomelabError("the heldout eval set needs heldout_dir (from a variant's stats.json); pass --heldout-dir.")
+        return load_heldout(heldout_dir)
+    if name == "ifeval":
+        return load_ifeval(cfg.ifeval.path or None)
+    return load_gsm8k(cfg.gsm8k.path or None)
+
+
+def _rouge_l(refs: list[str], outs: list[str]) -> list[float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(r, o)["rougeL"].fmeasure for r, o in zip(refs, outs)]
+
+
+def _cosines(refs: list[str], outs: list[str], model: str) -> list[float] | None:
+    try:
+        from curation.embed import Embedder
+    except ImportError:
+        log.warning("curation.embed is not available: embedding cosine is skipped (null)")
+        return None
+    import numpy as np
+
+    emb = Embedder(model=model)
+    key = lambda t: "evaltext-" + hashlib.sha256(t.encode()).hexdigest()[:16]  # noqa: E731
+    a = np.asarray(emb.encode([key(t) for t in refs], refs))
+    b = np.asarray(emb.encode([key(t) for t in outs], outs))
+    return [float(x) for x in (a * b).sum(axis=1)]
+
+
+def _weighted(records: list[dict], key: str, weight: str | None) -> float | None:
+    vals = [(r["scores"][key], r["scores"][weight] if weight else 1.0) for r in records
+            if r["scores"].get(key) is not None and not (isinstance(r["scores"][key], float) and math.isnan(r["scores"][key]))]
+    den = sum(w for _, w in vals)
+    return sum(v * w for v, w in vals) / den if den else None
+
+
+def summarise(set_name: str, records: list[dict]) -> dict[str, float | None]:
+    """Set-level metrics from per-item scores (the ablation recomputes the same from the JSONL)."""
+    out = {m: _weighted(records, key, w) for m, (s, key, w, _) in METRICS.items() if s == set_name}
+    if set_name == "heldout" and out.get("heldout_nll") is not None:
+        out["heldout_ppl"] = math.exp(out["heldout_nll"])
+    if set_name == "ifeval" and out.get("ifeval_prompt_strict") is not None:
+        # lighteval's headline IFEval number: the mean of prompt- and instruction-level strict accuracy
+        out["ifeval_avg_strict"] = (out["ifeval_prompt_strict"] + out["ifeval_inst_strict"]) / 2
+    return out
+
+
+def _heldout_generation_items(pool: list[EvalItem], sc: Any, tok: Any) -> list[EvalItem]:
+    """The first `generate_limit` items (hash order, whole set) whose prompt fits `max_prompt_tokens`.
+
+    Chosen from the whole held-out set rather than the NLL subset: most ShareGPT threads are long, and
+    a fixed tokenizer makes the choice identical for every run of one base model.
+    """
+    from eval.generate import render_prompt
+
+    if not sc.generate:
+        return []
+    chosen = []
+    for it in pool:
+        if sc.generate_limit is not None and len(chosen) >= sc.generate_limit:
+            break
+        if len(tok(render_prompt(tok, it.messages), add_special_tokens=False)["input_ids"]) <= sc.max_prompt_tokens:
+            chosen.append(it)
+    return chosen
+
+
+def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any, tok: Any, out_dir: Path, tag: str,
+                  pool: list[EvalItem] | None = None) -> list[dict]:
+    from eval.generate import assistant_nll, generate_greedy
+
+    sc = getattr(cfg, name)
+    if name == "heldout":
+        gen_items = _heldout_generation_items(pool or items, sc, tok)
+        nll_ids = {it.id for it in items}
+        items = items + [it for it in gen_items if it.id not in nll_ids]
+    else:
+        gen_items = items
+    records = [{"id": it.id, "prompt": it.messages, "output": None, "reference": it.reference, "scores": {}} for it in items]
+    by_id = {r["id"]: r for r in records}
+    if name == "heldout":
+        nll = assistant_nll(model, tok, [(it.id, it.extra["conversation"]) for it in items if it.id in nll_ids],
+                            max_length=sc.max_length, desc="heldout nll")
+        for cid, (v, k) in nll.items():
+            by_id[cid]["scores"].update(nll=None if math.isnan(v) else v, n_tokens=k)
+    if gen_items:
+        outs = generate_greedy(model, tok, [(it.id, it.messages) for it in gen_items], max_new_tokens=sc.max_new_tokens,
+                               batch_size=cfg.batch_size, partial_path=out_dir / f".{name}.partial-{tag}.jsonl", desc=f"{name} generate")
+        for it in gen_items:
+            by_id[it.id]["output"] = outs[it.id]
+    if name == "heldout" and gen_items:
+        refs = [it.reference for it in gen_items]
+        outs_l = [by_id[it.id]["output"] for it in gen_items]
+        rouge = _rouge_l(refs, outs_l)
+        cos = _cosines(refs, outs_l, sc.embed_model)
+        for j, it in enumerate(gen_items):
+            by_id[it.id]["scores"]["rougeL"] = rouge[j]
+            by_id[it.id]["scores"]["cosine"] = cos[j] if cos is not None else None
+    elif name == "ifeval":
+        for it in items:
+            by_id[it.id]["scores"] = score_ifeval(it, by_id[it.id]["output"])
+    elif name == "gsm8k":
+        for it in items:
+            by_id[it.id]["scores"] = score_gsm8k(it, by_id[it.id]["output"])
+    return records
+
+
+def evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate one model (base name or run dir) on every enabled set; cached per (model, set)."""
+    key = run_key(ref)
+    out_dir = evals_dir() / key
+    metrics_path = out_dir / "metrics.json"
+    state: dict[str, Any] = read_json(metrics_path) if metrics_path.is_file() else {}
+    state.update(ref=str(ref), run_key=key)
+    state.setdefault("sets", {})
+    fingerprint = _model_fingerprint(ref)
+    model = tok = None
+    for name in cfg.enabled_sets():
+        with Timer() as t:
+            loaded = _load_set(name, cfg, Path(heldout_dir) if heldout_dir else None)
+            pool = stable_subset(loaded.items, None)
+            items = pool[: getattr(cfg, name).limit]
+            tag = config_hash({"set": to_dict(getattr(cfg, name)), "items": [it.id for it in items],
+                               "pool": [it.id for it in pool] if name == "heldout" else None,
+                               "model": fingerprint, "dtype": cfg.dtype})
+            cached = state["sets"].get(name, {})
+            if not force and cached.get("config_hash") == tag and (out_dir / f"{name}.jsonl").is_file():
+                log.info("%s/%s: cached (%d items)", key, name, cached.get("n_items", 0))
+                continue
+            if model is None:
+                log.info("loading %s", ref)
+                if cfg.threads:
+                    import torch
+
+                    torch.set_num_threads(cfg.threads)
+                model, tok = load_model_for_eval(ref, cfg.dtype)
+            records = _evaluate_set(name, items, cfg, model, tok, out_dir, tag, pool)
+            write_jsonl(out_dir / f"{name}.jsonl", records)
+            if loaded.quarantine:
+                write_jsonl(out_dir / f"{name}.quarantine.jsonl", loaded.quarantine)
+        n_kept = len(records)
+        stats = StageStats(stage=f"eval:{name}", rows_in=loaded.rows_in, kept=n_kept,
+                           dropped={**({"malformed": len(loaded.quarantine)} if loaded.quarantine else {}),
+                                    **({"over_limit": len(loaded.items) - n_kept} if len(loaded.items) > n_kept else {})},
+                           seconds=round(t.seconds, 2)).check()
+        state["sets"][name] = {"config_hash": tag, "n_items": n_kept, "metrics": summarise(name, records),
+                               "stats": stats.to_dict(), "quarantined": loaded.quarantine[:20]}
+        partial = out_dir / f".{name}.partial-{tag}.jsonl"
+        if partial.exists():
+            partial.unlink()
+        state["metrics"] = {m: v for s in state["sets"].values() for m, v in s["metrics"].items()}
+        write_json(metrics_path, state)  # after every set: a killed run keeps finished sets
+    state["metrics"] = {m: v for n, s in state["sets"].items() if n in cfg.enabled_sets() for m, v in s["metrics"].items()}
+    write_json(metrics_path, state)
+    return state
+
+
+def read_item_scores(ref: str | Path, set_name: str) -> dict[str, dict[str, Any]]:
+    """Per-item scores of a finished evaluation, by item id (for the paired bootstrap)."""
+    path = evals_dir() / run_key(ref) / f"{set_name}.jsonl"
+    if not path.is_file():
+        raise TomelabError(f"no {set_name} outputs for {ref} at {path}: run `tomelab eval {ref}` first.")
+    return {r["id"]: r["scores"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}

@@ -1,0 +1,304 @@
+"""Ablation comparison, reports, winner and resume, on synthetic per-item eval outputs (no model).
+
+The per-item files have exactly the shape `tomelab eval` writes, so `compare` and `write_results` run
+unchanged; the model-side work (`_evaluate_set`, `train_run`, `curate`) is replaced by fakes that
+count their calls, which is what resume must save.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval import ablate
+from eval.ablate import BASE_ROW, System, compare, leaderboard_markdown, pick_winner, write_results
+from eval.config import AblationConfig, WinnerRule
+from eval.evaluate import evals_dir, run_key
+from tomelab import paths
+from tomelab.config import load_config
+from tomelab.errors import ConfigError, TomelabError
+from tomelab.io import write_jsonl
+
+N_ITEMS = 60
+SEEDS = [0, 1, 2]
+
+
+def _write_eval(ref: str, nll: np.ndarray, ifeval: np.ndarray) -> None:
+    """Per-item outputs for one model, as `evaluate` writes them (ids shared by every model)."""
+    d = evals_dir() / run_key(ref)
+    write_jsonl(d / "heldout.jsonl", [{"id": f"h{i}", "scores": {"nll": float(v), "n_tokens": 10 + i % 7}}
+                                      for i, v in enumerate(nll)])
+    write_jsonl(d / "ifeval.jsonl", [{"id": f"f{i}", "scores": {"prompt_strict": float(v), "inst_strict": float(v),
+                                                                 "n_inst": 1 + i % 3}} for i, v in enumerate(ifeval)])
+
+
+def _make_systems(home: Path) -> list[System]:
+    """base (deterministic), random (baseline), better (NLL -0.2 on every item), same (noise only)."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(1.0, 3.0, N_ITEMS)  # large item-to-item spread, shared by all systems
+    passes = rng.random(N_ITEMS) < 0.3
+    systems = [System(BASE_ROW, ["smollm2-135m-instruct"], [None], trained=False)]
+    _write_eval("smollm2-135m-instruct", difficulty + 0.5, passes.astype(float))
+    for name, shift in (("random", 0.0), ("better", -0.2), ("same", 0.0)):
+        s = System(name, [], [])
+        for seed in SEEDS:
+            rd = home / "runs" / name / "smollm2-135m-instruct" / str(seed)
+            rd.mkdir(parents=True)
+            flip = rng.random(N_ITEMS) < 0.05
+            _write_eval(str(rd), difficulty + shift + rng.normal(0, 0.02, N_ITEMS), (passes ^ flip).astype(float))
+            s.refs.append(str(rd))
+            s.seeds.append(seed)
+            s.run_dirs[seed] = str(rd)
+        systems.append(s)
+    return systems
+
+
+def test_compare_finds_the_real_gain_and_not_the_noise(tmp_home: Path):
+    systems = _make_systems(tmp_home)
+    rows = {(r.system, r.metric): r for r in compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"],
+                                                       ci=True, n_boot=500)}
+    better, same = rows[("better", "heldout_nll")], rows[("same", "heldout_nll")]
+    assert better.delta.estimate == pytest.approx(-0.2, abs=0.02)
+    assert better.delta.hi < 0  # the CI excludes zero: a real gain
+    assert same.delta.lo < 0 < same.delta.hi  # noise only: the CI covers zero
+    assert better.n_seeds == 3 and better.n_items == N_ITEMS
+    assert better.spread["std"] < 0.01  # seed-to-seed spread is the injected noise
+    assert rows[(BASE_ROW, "heldout_nll")].n_seeds == 1  # the base model is a row of its own
+    assert rows[("random", "heldout_nll")].delta is None  # the baseline is not compared with itself
+
+
+def test_nll_is_token_weighted(tmp_home: Path):
+    systems = _make_systems(tmp_home)
+    rows = {(r.system, r.metric): r for r in compare(systems, "random", ["heldout_nll"], ci=False)}
+    per_item = [json.loads(x)["scores"] for x in (evals_dir() / run_key(systems[0].refs[0]) / "heldout.jsonl").open()]
+    w = np.array([s["n_tokens"] for s in per_item])
+    v = np.array([s["nll"] for s in per_item])
+    assert rows[(BASE_ROW, "heldout_nll")].mean == pytest.approx(float((v * w).sum() / w.sum()))
+
+
+def test_leaderboard_csv_plots_and_winner(tmp_home: Path, tmp_path: Path):
+    systems = _make_systems(tmp_home)
+    cfg = AblationConfig(variants=["random", "better", "same"], train_config="x.toml", eval_config="y.toml",
+                         baseline="random", seeds=SEEDS, results_dir=str(tmp_path / "results"), n_bootstrap=300,
+                         metrics=["heldout_nll", "ifeval_prompt_strict", "ifeval_inst_strict"],
+                         winner=WinnerRule(metric="heldout_nll", tie_breaker="ifeval_prompt_strict"))
+    out = write_results(cfg, Path("configs/ablation.toml"), systems, {}, "random")
+    md = (out / "leaderboard.md").read_text()
+    assert "| better | 3 |" in md and f"| {BASE_ROW} | - |" in md
+    assert "**-0.2" in md  # the real gain is bold (its CI excludes 0)
+    with (out / "leaderboard.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 * 3  # systems x metrics
+    better = next(r for r in table if r["system"] == "better" and r["metric"] == "heldout_nll")
+    assert float(better["delta_hi"]) < 0 and float(better["delta_lo"]) < float(better["delta_hi"])
+    for png in ("metrics.png", "loss_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    win = json.loads((out / "winner.json").read_text())
+    assert {"variant", "base", "seed", "run_dir", "model_dir", "metrics", "rule"} <= set(win)
+    assert win["variant"] == "better" and win["seed"] in SEEDS
+    assert Path(win["run_dir"]).name == str(win["seed"])
+    assert "heldout_nll" in win["rule"]
+
+
+def test_winner_tie_is_broken_by_the_tie_breaker(tmp_home: Path):
+    systems = _make_systems(tmp_home)
+    rows = compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"], ci=False)
+    # On IFEval the three trained systems are within a few points: a wide tolerance makes them all tie,
+    # so the tie-breaker (NLL, lower is better) decides.
+    rule = WinnerRule(metric="ifeval_prompt_strict", tie_breaker="heldout_nll", tie_tolerance=1.0)
+    win, _, _ = pick_winner(rows, systems, rule)
+    assert win.name == "better"
+    # the untouched base model is never the winner, even when it is best on the rule's metric
+    worst_nll = WinnerRule(metric="heldout_nll", tie_breaker="ifeval_prompt_strict")
+    assert pick_winner(rows, systems, worst_nll)[0].trained
+
+
+def test_mismatched_items_are_only_compared_on_shared_items(tmp_home: Path):
+    systems = _make_systems(tmp_home)
+    # one run scored fewer items (e.g. an older, smaller eval config): the comparison uses the intersection
+    d = evals_dir() / run_key(systems[1].refs[0])
+    lines = (d / "heldout.jsonl").read_text().splitlines()[:40]
+    (d / "heldout.jsonl").write_text("\n".join(lines) + "\n")
+    rows = compare(systems, "random", ["heldout_nll"], ci=False)
+    assert {r.n_items for r in rows} == {40}
+
+
+def test_seed_count_below_two_with_ci_is_a_config_error(tmp_path: Path):
+    bad = tmp_path / "abl.toml"
+    bad.write_text('variants = ["random"]\nbaseline = "random"\nseeds = [0]\ntrain_config = "t.toml"\n'
+                   'eval_config = "e.toml"\nci = true\n')
+    with pytest.raises(ConfigError, match=r"ci = true needs >= 2 seeds"):
+        load_config(bad, AblationConfig)
+
+
+def test_unknown_train_override_names_the_key(tmp_path: Path):
+    cfg = load_config("configs/ablation.toml", AblationConfig)
+    cfg.train = {**cfg.train, "lora_rnak": 8}
+    with pytest.raises(ConfigError, match="lora_rnak.*lora_r"):
+        ablate.train_config_for(cfg)
+
+
+# --- resume: a killed ablation re-run does only the missing work ------------------------------------
+
+
+class _Fakes:
+    """Stand-ins for curate / train_run / the model side of evaluate, counting real work done."""
+
+    def __init__(self, home: Path, crash_on_train: int | None):
+        self.home, self.crash_on_train = home, crash_on_train
+        self.trained: list[str] = []
+        self.evaluated: list[str] = []
+        self.train_calls = 0
+
+    def curate(self, recipe_path, force=False, progress=True):
+        name = Path(recipe_path).stem
+        vdir = paths.variants_dir() / name
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / "stats.json").write_text(json.dumps({"variant": name, "heldout_dir": str(self.home / "heldout" / "k"),
+                                                     "stages": [{"stage": "load", "kept": 10}, {"stage": "budget", "kept": 5}]}))
+        return vdir
+
+    def train_run(self, variant, base, seed, cfg, **kw):
+        self.train_calls += 1
+        if self.crash_on_train is not None and self.train_calls == self.crash_on_train:
+            raise KeyboardInterrupt("killed")
+        rd = paths.runs_dir() / variant / base / str(seed)
+        if not (rd / "metrics.json").is_file():
+            rd.mkdir(parents=True, exist_ok=True)
+            (rd / "metrics.json").write_text(json.dumps({"seed": seed}))
+            (rd / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0 + seed}) + "\n")
+            self.trained.append(f"{variant}/{seed}")
+        return rd
+
+    def load_model(self, ref, dtype):
+        return object(), object()
+
+    def evaluate_set(self, name, items, cfg, model, tok, out_dir, tag, pool=None):
+        self.evaluated.append(f"{out_dir.name}:{name}")
+        shift = 0.1 * ("dedup" in str(out_dir))
+        return [{"id": f"i{i}", "output": "x", "reference": "y",
+                 "scores": {"nll": 1.0 + i / 10 - shift, "n_tokens": 5}} for i in range(8)]
+
+
+def _run(monkeypatch, tmp_path: Path, fakes: _Fakes) -> Path:
+    import curation.pipeline
+    import training.train
+    from eval import evaluate as ev
+
+    monkeypatch.setattr(curation.pipeline, "curate", fakes.curate)
+    monkeypatch.setattr(training.train, "train_run", fakes.train_run)
+    monkeypatch.setattr(ev, "load_model_for_eval", fakes.load_model)
+    monkeypatch.setattr(ev, "_evaluate_set", fakes.evaluate_set)
+    monkeypatch.setattr(ev, "_load_set", lambda name, cfg, hd: ev.LoadedSet(
+        [ev.EvalItem(f"i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": []}) for i in range(8)], 8, []))
+    (tmp_path / "eval.toml").write_text("[ifeval]\nenabled = false\n[gsm8k]\nenabled = false\n")
+    (tmp_path / "train.toml").write_text("token_budget = 100\n")
+    cfg = tmp_path / "abl.toml"
+    cfg.write_text(f'variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1]\n'
+                   f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
+                   f'results_dir = "{tmp_path / "results"}"\nn_bootstrap = 200\nmetrics = ["heldout_nll"]\n'
+                   f'[winner]\nmetric = "heldout_nll"\ntie_breaker = "heldout_nll"\n')
+    return ablate.run_ablation(cfg)
+
+
+def test_killed_ablation_resumes_where_it_stopped(tmp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    first = _Fakes(tmp_home, crash_on_train=3)  # killed while training the 3rd of 4 runs (random, seed 1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(monkeypatch, tmp_path, first)
+    assert first.trained == ["random/0", "dedup/0"]
+    assert sorted(first.evaluated) == ["0:heldout", "0:heldout", "smollm2-135m-instruct:heldout"]
+
+    again = _Fakes(tmp_home, crash_on_train=None)
+    out = _run(monkeypatch, tmp_path, again)
+    assert again.trained == ["random/1", "dedup/1"]  # finished runs are not retrained
+    assert again.evaluated == ["1:heldout", "1:heldout"]  # nor re-evaluated (base included)
+    win = json.loads((out / "winner.json").read_text())
+    assert win["variant"] == "dedup"  # lower NLL by construction
+    assert (out / "funnel.png").is_file() and (out / "leaderboard.md").is_file()
+
+    third = _Fakes(tmp_home, crash_on_train=None)
+    _run(monkeypatch, tmp_path, third)
+    assert third.trained == [] and third.evaluated == []  # a finished ablation re-run only rewrites reports
+
+
+def test_eval_of_a_missing_run_is_one_clear_line(tmp_home: Path, capsys: pytest.CaptureFixture):
+    from tomelab.cli import main
+
+    rc = main(["eval", str(tmp_home / "runs" / "nope" / "smollm2-135m-instruct" / "0"), "--config", "configs/eval/smoke.toml"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "does not exist" in err and "artifacts/runs" in err
+
+
+def test_run_key_rejects_a_missing_path():
+    with pytest.raises(TomelabError, match="does not exist"):
+        run_key("artifacts/runs/nope/base/0")
+
+
+# --- model-centric sweeps (issue 9): arms over the same machinery ----------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/sweeps").glob("*.toml")), ids=lambda p: p.stem)
+def test_sweep_configs_load_and_plan(path: Path):
+    cfg = load_config(path, AblationConfig)
+    systems = ablate.plan_systems(cfg, path, {v: v for v in cfg.variants})
+    assert [s.name for s in systems] == [a.name for a in cfg.arms] and cfg.baseline in [s.name for s in systems]
+    base_arm = next(s for s in systems if s.name == cfg.baseline)
+    for s, arm in zip(systems, cfg.arms):
+        # arms with training overrides get their own run folders; others reuse the ablation's runs
+        assert ("@" in s.train_variant) == bool(arm.train)
+        for key, value in arm.train.items():
+            assert getattr(s.train_config, key) == value
+        if not arm.train and s.base == base_arm.base:
+            assert s.train_config == base_arm.train_config
+    if "base-model" in path.stem or "hub" in path.stem:
+        assert "heldout_nll" not in cfg.metrics  # per-token NLL is not comparable across tokenizers
+
+
+def test_sweep_baseline_arm_reuses_the_ablation_runs():
+    abl = load_config("configs/ablation.toml", AblationConfig)
+    sweep = load_config("configs/sweeps/lora-rank.toml", AblationConfig)
+    base_arm = ablate.plan_systems(sweep, Path("lora-rank.toml"), {v: v for v in sweep.variants})[0]
+    assert base_arm.train_config == ablate.train_config_for(abl)  # same config hash -> train_run skips it
+
+
+def test_bad_arm_configs_are_config_errors(tmp_path: Path):
+    p = tmp_path / "s.toml"
+    head = 'variants = ["v"]\ntrain_config = "t.toml"\neval_config = "e.toml"\nseeds = [0, 1]\n'
+    p.write_text(head + 'baseline = "nope"\n[[arms]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="baseline 'nope' must be one of the arm names"):
+        load_config(p, AblationConfig)
+    p.write_text(head + 'baseline = "a"\n[[arms]]\nname = "a"\n[[arms]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(p, AblationConfig)
+    p.write_text(head + 'baseline = "a"\n[[arms]]\nname = "a"\nvariant = "other"\n')
+    with pytest.raises(ConfigError, match="not in variants"):
+        load_config(p, AblationConfig)
+
+
+def test_alias_variant_points_at_the_same_data(tmp_home: Path):
+    src = paths.variants_dir() / "v"
+    src.mkdir(parents=True)
+    (src / "train.parquet").write_bytes(b"PAR1data")
+    (src / "stats.json").write_text(json.dumps({"variant": "v", "heldout_dir": "/h"}))
+    name = ablate._alias_variant("v", "v@sweep.r4")
+    dst = paths.variants_dir() / name
+    assert (dst / "train.parquet").read_bytes() == b"PAR1data"
+    st = json.loads((dst / "stats.json").read_text())
+    assert st["heldout_dir"] == "/h" and st["alias_of"] == "v" and st["variant"] == "v@sweep.r4"
+    ablate._alias_variant("v", "v@sweep.r4")  # idempotent (resume)
+
+
+def test_cross_tokenizer_nll_is_refused(tmp_home: Path):
+    systems = _make_systems(tmp_home)
+    d = evals_dir() / run_key(systems[2].refs[0])
+    recs = [json.loads(x) for x in (d / "heldout.jsonl").read_text().splitlines()]
+    for r in recs:
+        r["scores"]["n_tokens"] += 1  # another tokenizer counts other tokens
+    write_jsonl(d / "heldout.jsonl", recs)
+    rows = compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"], ci=False)
+    assert {r.metric for r in rows} == {"ifeval_prompt_strict"}

@@ -1,0 +1,147 @@
+"""Eval sets and scoring: parsing, quarantine, the real IFEval checkers with offline Punkt,
+assistant-token masks on the real tokenizer, and one real end-to-end `evaluate` of the base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.config import EvalConfig, GenSetConfig, HeldoutConfig
+from eval.generate import read_partial
+from eval.sets import (EvalItem, gsm8k_gold, gsm8k_pred, load_gsm8k, load_ifeval, score_gsm8k, score_ifeval,
+                       stable_subset)
+from tomelab.errors import DataError
+
+
+@pytest.mark.parametrize(("output", "pred"), [
+    ("She pays 3 * 6 = 18 dollars.\n#### 18", "18"),
+    ("The answer is 1,250.", "1250"),
+    ("so 4.50 + 0.50 = 5.00", "5"),
+    ("I think -3 degrees", "-3"),
+    ("no number here", None),
+])
+def test_gsm8k_prediction(output: str, pred: str | None):
+    assert gsm8k_pred(output) == pred
+
+
+def test_gsm8k_gold_and_exact_match():
+    assert gsm8k_gold("work...\n#### 1,024") == "1024"
+    assert gsm8k_gold("no marker") is None
+    item = EvalItem("g1", [{"role": "user", "content": "q"}], "18")
+    assert score_gsm8k(item, "#### 18")["em"] == 1.0
+    assert score_gsm8k(item, "#### 19")["em"] == 0.0
+
+
+def test_stable_subset_does_not_depend_on_input_order():
+    items = [EvalItem(str(i), [], "") for i in range(50)]
+    a = [it.id for it in stable_subset(items, 10)]
+    b = [it.id for it in stable_subset(list(reversed(items)), 10)]
+    assert a == b and len(a) == 10 and a != [str(i) for i in range(10)]
+
+
+def test_malformed_lines_are_quarantined_with_their_line_number(tmp_path: Path):
+    p = tmp_path / "ifeval.jsonl"
+    good = {"key": 1, "prompt": "Say hi", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    p.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"key": 2, "prompt": "x"}) + "\n")
+    s = load_ifeval(p)
+    assert [it.id for it in s.items] == ["1"] and s.rows_in == 3
+    assert [(q["line"], q["reason"].split(":")[0]) for q in s.quarantine] == [(2, "bad_json"), (3, "missing_field")]
+    assert s.quarantine[1]["field"] == "instruction_id_list"
+
+    g = tmp_path / "gsm8k.jsonl"
+    g.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
+                 + json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
+    gs = load_gsm8k(g)
+    assert len(gs.items) == 1 and gs.quarantine[0]["line"] == 2 and "####" in gs.quarantine[0]["reason"]
+
+
+def test_missing_eval_file_is_a_data_error(tmp_path: Path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_ifeval(tmp_path / "nope.jsonl")
+
+
+def test_real_ifeval_set_loads_whole(shared_data: Path):
+    s = load_ifeval()
+    assert len(s.items) == 540 and not s.quarantine
+
+
+def test_ifeval_checkers_strict_and_loose(tmp_home: Path, shared_data: Path):
+    item = EvalItem("7", [{"role": "user", "content": "Answer without commas. End with 'Is there anything else I can help with?'"}],
+                    "", {"instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
+                         "kwargs": [{}, {"end_phrase": "Is there anything else I can help with?"}]})
+    ok = score_ifeval(item, "Sure thing. Is there anything else I can help with?")
+    assert ok["prompt_strict"] == 1.0 and ok["inst_strict"] == 1.0 and ok["n_inst"] == 2
+    half = score_ifeval(item, "Sure, thing. Is there anything else I can help with?")
+    assert half["prompt_strict"] == 0.0 and half["inst_strict"] == 0.5
+    # loose removes markdown emphasis before checking (official IFEval behaviour)
+    emph = score_ifeval(item, "Sure thing. **Is there anything else I can help with?**")
+    assert emph["prompt_strict"] == 0.0 and emph["prompt_loose"] == 1.0
+
+
+def test_sentence_count_checks_run_offline_with_our_punkt(tmp_home: Path, shared_data: Path):
+    """The checks that need NLTK punkt_tab (not downloadable here) work with the locally built model."""
+    item = EvalItem("9", [{"role": "user", "content": "Answer in fewer than 3 sentences."}], "",
+                    {"instruction_id_list": ["length_constraints:number_sentences"],
+                     "kwargs": [{"relation": "less than", "num_sentences": 3}]})
+    assert score_ifeval(item, "Dr. Smith arrived at 5 p.m. yesterday. He left.")["prompt_strict"] == 1.0
+    assert score_ifeval(item, "One. Two. Three. Four.")["prompt_strict"] == 0.0
+
+
+def test_partial_generations_survive_a_torn_last_line(tmp_path: Path):
+    p = tmp_path / ".ifeval.partial-x.jsonl"
+    p.write_text(json.dumps({"id": "a", "output": "hi"}) + "\n" + '{"id": "b", "outp')
+    assert read_partial(p) == {"a": "hi"}
+
+
+def test_assistant_mask_covers_exactly_the_answers(smollm2_dir: Path):
+    from eval.generate import assistant_token_mask
+    from training.load import load_base_tokenizer
+
+    tok = load_base_tokenizer("smollm2-135m-instruct")
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]
+    ids, mask = assistant_token_mask(tok, msgs, max_length=512)
+    answer = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert "Blue." in answer and "Green." in answer
+    assert "colour" not in answer and "Another" not in answer and "user" not in answer
+
+
+@pytest.mark.e2e
+def test_evaluate_base_model_end_to_end_then_cached(tmp_home: Path, shared_data: Path, smollm2_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """Real SmolLM2, real IFEval/GSM8K lines, a tiny held-out set: every metric, outputs saved, then cached."""
+    import polars as pl
+
+    from eval import evaluate as ev
+
+    hd = tmp_home / "heldout" / "t"
+    hd.mkdir(parents=True)
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Say hello.", "Hello!"),
+        ("What colour is the sky?", "The sky is blue on a clear day."),
+    ]]
+    pl.DataFrame({"id": ["a", "b", "c"], "messages": convs}).write_parquet(hd / "test.parquet")
+    cfg = EvalConfig(batch_size=4, threads=1,
+                     heldout=HeldoutConfig(limit=3, generate_limit=2, max_new_tokens=8, max_length=128),
+                     ifeval=GenSetConfig(limit=2, max_new_tokens=12), gsm8k=GenSetConfig(limit=2, max_new_tokens=12))
+    res = ev.evaluate("smollm2-135m-instruct", cfg, heldout_dir=hd)
+    m = res["metrics"]
+    assert 0.0 < m["heldout_nll"] < 5.0 and m["heldout_ppl"] > 1.0
+    assert 0.0 <= m["heldout_rougeL"] <= 1.0 and m["heldout_cosine"] is not None
+    assert set(res["sets"]) == {"heldout", "ifeval", "gsm8k"}
+    out_dir = ev.evals_dir() / "base" / "smollm2-135m-instruct"
+    ifeval = [json.loads(x) for x in (out_dir / "ifeval.jsonl").read_text().splitlines()]
+    assert len(ifeval) == 2 and all(r["output"] for r in ifeval)  # readable generations are kept
+    held = [json.loads(x) for x in (out_dir / "heldout.jsonl").read_text().splitlines()]
+    assert sum(r["output"] is not None for r in held) == 2
+    assert res["sets"]["ifeval"]["stats"]["dropped"] == {"over_limit": 538}
+
+    def no_model(*a, **k):
+        raise AssertionError("a cached evaluation must not load the model")
+
+    monkeypatch.setattr(ev, "load_model_for_eval", no_model)
+    again = ev.evaluate("smollm2-135m-instruct", cfg, heldout_dir=hd)
+    assert again["metrics"] == m

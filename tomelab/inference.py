@@ -1,0 +1,832 @@
+"""Fast CPU generation behind one streaming interface, whichever runtime serves it.
+
+The app, the chat CLI and the benchmark all talk to a `ChatEngine`: it renders the conversation
+with the model's own chat template (HF tokenizer), fits it into the context window (dropping the
+oldest turns, then cutting the last message, and saying so), and streams decoded text while the
+backend produces token ids. Two backends produce those ids:
+
+* `TransformersBackend`: `model.generate` with the KV cache, in a worker thread;
+* `LlamaCppBackend`: llama.cpp (`llama-cpp-python`) on a GGUF of the *same* weights.
+
+Both receive the same prompt token ids and stop on the same ids, so their outputs are comparable
+token for token; `artifacts/cache/engine_choice/` records whether its greedy outputs matched
+the transformers reference, and `load_engine(..., engine="auto")` serves llama.cpp only then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from tomelab import paths
+from tomelab.errors import TomelabError
+from tomelab.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# End-of-turn markers of the chat formats tomelab uses (ChatML for SmolLM2, Gemma turns).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<eos>")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant."
+# A fixed prompt set: the greedy-match check and the benchmark both use it.
+MATCH_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Write a haiku about the ocean.",
+    "Explain what a neural network is in two sentences.",
+    "List the first five prime numbers.",
+    "How do I boil an egg?",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+)
+
+
+@dataclass
+class GenerationSettings:
+    """What a user can turn in the app; temperature 0 means greedy (deterministic)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    stop: tuple[str, ...] = ()  # extra stop strings, cut from the output
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise TomelabError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise TomelabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise TomelabError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class StreamEvent:
+    """One step of a streamed answer: the new text and the running numbers."""
+
+    delta: str
+    text: str  # the whole answer so far
+    n_tokens: int
+    first_token_s: float | None  # seconds from request to the first generated token
+    elapsed_s: float
+    done: bool = False
+    finish_reason: str | None = None  # "stop" (end of turn / stop string) or "length"
+    note: str | None = None  # set when the conversation was cut to fit the context
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed after the first token (so it does not fold in prompt processing)."""
+        if self.first_token_s is None or self.n_tokens < 2:
+            return 0.0
+        dt = self.elapsed_s - self.first_token_s
+        return (self.n_tokens - 1) / dt if dt > 0 else 0.0
+
+
+@dataclass
+class FittedPrompt:
+    ids: list[int]
+    note: str | None
+    dropped_turns: int = 0
+
+
+class TokenBackend(Protocol):
+    """Produces token ids for prompt ids; stops on `stop_ids`, `max_new_tokens` or `cancel`."""
+
+    name: str
+    context_length: int
+
+    def iter_tokens(
+        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
+    ) -> Iterator[int]: ...
+
+
+def stop_token_ids(tokenizer: Any, model_config_eos: Any = None) -> set[int]:
+    """Every id that ends a turn: the tokenizer's eos, the model's eos and known turn markers."""
+    ids: set[int] = set()
+    for v in (model_config_eos, tokenizer.eos_token_id):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    vocab = tokenizer.get_vocab()
+    for tok in END_OF_TURN_TOKENS:
+        if tok in vocab:
+            ids.add(vocab[tok])
+    return ids
+
+
+def render_messages(history: Sequence[dict[str, str]], user_message: str, system_prompt: str) -> list[dict[str, str]]:
+    """The conversation as chat-template messages: system prompt, past turns, the new user turn."""
+    messages: list[dict[str, str]] = []
+    if system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt.strip()})
+    for m in history:
+        role, content = m.get("role"), m.get("content")
+        if role in ("user", "assistant") and isinstance(content, str) and content:
+            messages.append({"role": role, "content": content})
+    messages.append({"role": "user", "content": user_message})
+    return messages
+
+
+def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int) -> FittedPrompt:
+    """Token ids of the chat-templated prompt, cut to `max_prompt_tokens` with a visible note.
+
+    Oldest user/assistant turns go first (the system prompt and the new message stay); if the new
+    message alone is still too long, its middle is cut. Never raises for a long request.
+    """
+
+    def encode(msgs: list[dict[str, str]]) -> list[int]:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = encode(messages)
+    if len(ids) <= max_prompt_tokens:
+        return FittedPrompt(ids, None)
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system) : -1]
+    last = messages[-1]
+    dropped = 0
+    while turns:
+        turns = turns[2:] if len(turns) >= 2 else []  # a user turn with its answer
+        dropped += 1
+        ids = encode(system + turns + [last])
+        if len(ids) <= max_prompt_tokens:
+            return FittedPrompt(ids, f"Conversation too long: the {dropped} oldest exchange(s) were left out.", dropped)
+    overhead = len(encode(system + [{"role": "user", "content": ""}]))
+    budget = max(8, max_prompt_tokens - overhead - 8)
+    msg_ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+    head, tail = msg_ids[: budget // 2], msg_ids[len(msg_ids) - (budget - budget // 2) :]
+    cut = tokenizer.decode(head) + "\n[...]\n" + tokenizer.decode(tail)
+    ids = encode(system + [{"role": "user", "content": cut}])[-max_prompt_tokens:]
+    note = (
+        f"Message too long ({len(msg_ids)} tokens): its middle was cut to fit the "
+        f"{max_prompt_tokens}-token prompt budget."
+    )
+    if dropped:
+        note += f" The {dropped} oldest exchange(s) were left out too."
+    return FittedPrompt(ids, note, dropped)
+
+
+class _IncrementalText:
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text if text.startswith(self.text) else self.text
+        return delta
+
+
+class ChatEngine:
+    """A model ready to chat: template, context fitting, stop handling and streaming."""
+
+    def __init__(self, backend: TokenBackend, tokenizer: Any, *, label: str, stop_ids: set[int], info: dict | None = None):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.label = label
+        self.stop_ids = stop_ids
+        self.info = info or {}
+
+    @property
+    def engine_name(self) -> str:
+        return self.backend.name
+
+    def stream_chat(
+        self, history: Sequence[dict[str, str]], user_message: str, settings: GenerationSettings
+    ) -> Iterator[StreamEvent]:
+        """Stream an answer to `user_message` after `history` (dicts with role/content)."""
+        messages = render_messages(history, user_message, settings.system_prompt)
+        return self.stream_messages(messages, settings)
+
+    def stream_messages(self, messages: list[dict[str, str]], settings: GenerationSettings) -> Iterator[StreamEvent]:
+        t0 = time.perf_counter()
+        budget = max(16, self.backend.context_length - settings.max_new_tokens)
+        fitted = fit_prompt(self.tokenizer, messages, budget)
+        cancel = threading.Event()
+        dec = _IncrementalText(self.tokenizer)
+        first: float | None = None
+        n = 0
+        finish = "length"
+        tokens = self.backend.iter_tokens(fitted.ids, settings, self.stop_ids, cancel)
+        try:
+            for tid in tokens:
+                if first is None:
+                    first = time.perf_counter() - t0
+                if tid in self.stop_ids:
+                    finish = "stop"
+                    break
+                n += 1
+                delta = dec.push(tid)
+                cut = _find_stop(dec.text, settings.stop)
+                if cut is not None:
+                    before = len(dec.text) - len(delta)
+                    delta = dec.text[before:cut] if cut > before else ""
+                    dec.text = dec.text[:cut]
+                    finish = "stop"
+                    if delta:
+                        yield StreamEvent(delta, dec.text, n, first, time.perf_counter() - t0, note=fitted.note)
+                    break
+                if delta:
+                    yield StreamEvent(delta, dec.text, n, first, time.perf_counter() - t0, note=fitted.note)
+                if n >= settings.max_new_tokens:
+                    break
+        finally:
+            cancel.set()  # also stops the backend when the consumer goes away (client disconnect)
+            with contextlib.suppress(Exception):
+                tokens.close()  # type: ignore[union-attr]
+        yield StreamEvent("", dec.text, n, first, time.perf_counter() - t0, done=True, finish_reason=finish, note=fitted.note)
+
+    def generate(self, messages: list[dict[str, str]], settings: GenerationSettings) -> StreamEvent:
+        """The whole answer at once (the last event of the stream)."""
+        last = None
+        for last in self.stream_messages(messages, settings):
+            pass
+        assert last is not None and last.done
+        return last
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class TransformersBackend:
+    """`model.generate` with the KV cache in a worker thread, ids handed over through a queue."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, *, threads: int | None = None, context_length: int | None = None):
+        import torch
+
+        self.model = model.eval()
+        self.threads = threads or _default_threads()
+        torch.set_num_threads(self.threads)  # the process's intra-op pool: one knob, set once
+        cfg_len = getattr(model.config, "max_position_embeddings", 2048) or 2048
+        self.context_length = min(context_length or 2048, cfg_len)
+        self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+
+    def iter_tokens(
+        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
+    ) -> Iterator[int]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        out: queue.Queue = queue.Queue()
+        _END = object()
+
+        class _QueueStreamer(BaseStreamer):
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                for t in value.reshape(-1).tolist():
+                    out.put(int(t))
+
+            def end(self) -> None:
+                out.put(_END)
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        greedy = settings.temperature == 0.0
+        kwargs: dict[str, Any] = dict(
+            input_ids=torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=not greedy,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=min(stop_ids),
+            streamer=_QueueStreamer(),
+            stopping_criteria=StoppingCriteriaList([_Cancel()]),
+            use_cache=True,
+        )
+        if greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # surfaced in the consumer thread below
+                errors.append(e)
+                out.put(_END)
+
+        th = threading.Thread(target=work, name="tomelab-generate", daemon=True)
+        th.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _END:
+                    break
+                yield item
+        finally:
+            cancel.set()
+            th.join(timeout=30)
+        if errors:
+            raise errors[0]
+
+
+def _default_threads() -> int:
+    env = os.environ.get("TOMELAB_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+class LlamaCppBackend:
+    """llama.cpp on a GGUF; one generation at a time per model (a llama context is not thread-safe)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf: str | Path, *, threads: int | None = None, context_length: int = 2048):
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise TomelabError(
+                "llama.cpp engine needs llama-cpp-python. Build it with "
+                'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AVX2=ON '
+                '-DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python==0.3.36, or use --engine transformers.'
+            ) from e
+        self.gguf = Path(gguf)
+        self.threads = threads or _default_threads()
+        self.context_length = context_length
+        self.llm = Llama(
+            model_path=str(self.gguf), n_ctx=context_length, n_threads=self.threads,
+            n_threads_batch=self.threads, n_batch=512, verbose=False,
+        )
+        self.dtype = self.gguf.stem.rsplit("-", 1)[-1]
+        self._lock = threading.Lock()
+
+    def iter_tokens(
+        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
+    ) -> Iterator[int]:
+        greedy = settings.temperature == 0.0
+        with self._lock:
+            if settings.seed is not None:
+                self.llm.set_seed(settings.seed)
+            gen = self.llm.generate(
+                prompt_ids, top_k=0 if not greedy else 1, top_p=1.0 if greedy else settings.top_p,
+                min_p=0.0, temp=settings.temperature, repeat_penalty=1.0,
+            )
+            try:
+                for i, tid in enumerate(gen):
+                    if cancel.is_set():
+                        break
+                    yield int(tid)
+                    if int(tid) in stop_ids or i + 1 >= settings.max_new_tokens:
+                        break
+            finally:
+                gen.close()
+
+
+# --------------------------------------------------------------------------- CTranslate2
+
+
+def ct2_model_dir(model_dir: Path, quantization: str) -> Path:
+    """Where the CTranslate2 conversion of a HF folder lives (keyed like the GGUF cache)."""
+    model_dir = Path(model_dir).resolve()
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(model_dir.glob("*.safetensors")))
+    key = hashlib.sha256(f"{model_dir}|{stamp}".encode()).hexdigest()[:10]
+    return paths.cache_dir() / "ct2" / f"{model_dir.name}-{key}-{quantization}"
+
+
+def _passive_openmp() -> None:
+    """CTranslate2's OpenMP threads spin while idle; on a shared, busy CPU 2 threads then ran at
+    0.23 tok/s vs 3.0 with 1 thread (4.0 with 2 passive threads). Must be set before ctranslate2
+    starts its thread pool; an explicit user setting wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def export_ct2(model_dir: str | Path, quantization: str = "int8") -> Path:
+    """Convert a HF model folder to CTranslate2 once (weights stored as `quantization`); cached."""
+    _passive_openmp()
+    try:
+        from ctranslate2.converters import TransformersConverter
+    except ImportError as e:
+        raise TomelabError("the ctranslate2 engine needs `pip install 'ctranslate2>=4.8,<5'`.") from e
+    out = ct2_model_dir(Path(model_dir), quantization)
+    if (out / "model.bin").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return out
+
+
+class CTranslate2Backend:
+    """CTranslate2's `Generator.generate_tokens` (streams ids); one generation at a time per model."""
+
+    name = "ctranslate2"
+
+    def __init__(self, ct2_dir: str | Path, tokenizer: Any, *, compute_type: str = "int8", threads: int | None = None,
+                 context_length: int = 2048):
+        _passive_openmp()
+        import ctranslate2
+
+        self.threads = threads or _default_threads()
+        self.context_length = context_length
+        self.tokenizer = tokenizer  # ct2 takes prompt tokens as strings
+        self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
+                                               intra_threads=self.threads, inter_threads=1)
+        self.dtype = compute_type
+        self._lock = threading.Lock()
+
+    def iter_tokens(
+        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
+    ) -> Iterator[int]:
+        greedy = settings.temperature == 0.0
+        tokens = self.tokenizer.convert_ids_to_tokens(prompt_ids)
+        kwargs: dict[str, Any] = dict(max_length=settings.max_new_tokens, end_token=sorted(stop_ids))
+        if greedy:
+            kwargs.update(sampling_topk=1)
+        else:
+            kwargs.update(sampling_topk=0, sampling_topp=settings.top_p, sampling_temperature=settings.temperature)
+        with self._lock:
+            if settings.seed is not None:
+                import ctranslate2
+
+                ctranslate2.set_random_seed(settings.seed)
+            gen = self.generator.generate_tokens(tokens, **kwargs)
+            try:
+                for step in gen:
+                    if cancel.is_set():
+                        break
+                    yield int(step.token_id)
+            finally:
+                with contextlib.suppress(Exception):
+                    gen.close()
+
+
+# --------------------------------------------------------------------------- GGUF export
+
+
+def _converter_dir() -> Path:
+    return paths.home() / "tools" / "llama.cpp"
+
+
+def ensure_converter() -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py` (not in the wheel): taken from the installed version's sdist.
+
+    Uses `$TOMELAB_LLAMACPP_SRC` (a llama.cpp checkout) when set; otherwise `pip download`s the
+    llama-cpp-python sdist once and keeps only the converter and its `gguf-py`.
+    """
+    env = os.environ.get("TOMELAB_LLAMACPP_SRC")
+    if env:
+        p = Path(env)
+        if not (p / "convert_hf_to_gguf.py").is_file():
+            raise TomelabError(f"TOMELAB_LLAMACPP_SRC={p} has no convert_hf_to_gguf.py; point it at a llama.cpp checkout.")
+        return p
+    dest = _converter_dir()
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("llama_cpp_python")
+    except PackageNotFoundError:
+        raise TomelabError("llama-cpp-python is not installed, so there is no GGUF converter to fetch.") from None
+    dl = dest.parent / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    if not list(dl.glob(f"llama_cpp_python-{ver}.tar.gz")):
+        log.info("fetching the llama-cpp-python %s sdist for its GGUF converter (one-off, ~77 MB)", ver)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={ver}", "-d", str(dl)], check=True,
+        )
+    sdist = next(dl.glob(f"llama_cpp_python-{ver}.tar.gz"))
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prefix = f"llama_cpp_python-{ver}/vendor/llama.cpp/"
+    keep = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/", "models/ggml-vocab")
+    with tarfile.open(sdist) as tf:
+        members = [m for m in tf.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(keep)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tf.extractall(tmp, members=members, filter="data")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def gguf_path_for(model_dir: Path, outtype: str) -> Path:
+    """Where the GGUF of a HF model folder lives, keyed by the folder and its weights' mtime."""
+    model_dir = Path(model_dir).resolve()
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(model_dir.glob("*.safetensors")))
+    key = hashlib.sha256(f"{model_dir}|{stamp}".encode()).hexdigest()[:10]
+    return paths.cache_dir() / "gguf" / f"{model_dir.name}-{key}" / f"model-{outtype}.gguf"
+
+
+def export_gguf(model_dir: str | Path, outtype: str = "f16") -> Path:
+    """Convert a HF model folder (a base model or merged fine-tune) to GGUF once; cached."""
+    model_dir = Path(model_dir)
+    out = gguf_path_for(model_dir, outtype)
+    if out.is_file():
+        return out
+    conv = ensure_converter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(conv / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with atomic_path(out) as tmp:
+        r = subprocess.run(
+            [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
+            env=env, capture_output=True, text=True,
+        )
+        if r.returncode != 0:
+            raise TomelabError(f"GGUF conversion of {model_dir} failed:\n{r.stderr[-2000:]}")
+    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------- loading and engine choice
+
+
+def load_for_inference(ref: str, *, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) for a base name, a run dir or a merged export: training's loader when present."""
+    try:
+        from training.load import load_for_inference as training_load  # type: ignore[import-not-found]
+    except ImportError:
+        training_load = None
+    if training_load is not None:
+        return training_load(ref, dtype=dtype)
+    p = Path(ref)
+    if p.is_dir() and (p / "adapter").is_dir():
+        raise TomelabError(f"{ref} is a run dir with an adapter, but training.load is not available to load it.")
+    from tomelab.models import load_model, load_tokenizer
+
+    return load_model(ref, dtype=dtype), load_tokenizer(ref)
+
+
+def merged_model_dir(model: Any, tokenizer: Any, ref: str) -> Path:
+    """A plain HF folder of the loaded (already merged) weights and the working tokenizer, for GGUF.
+
+    Saved once per reference: the base folders' own tokenizer config names a class that
+    transformers rebuilds wrongly, and llama.cpp's converter reads the tokenizer from the folder.
+    """
+    peft_cls = None
+    with contextlib.suppress(ImportError):
+        from peft import PeftModel as peft_cls  # noqa: N813
+    if peft_cls is not None and isinstance(model, peft_cls):
+        model = model.merge_and_unload()
+    weights = sorted(Path(ref).glob("**/*.safetensors")) if Path(ref).is_dir() else []
+    stamp = "|".join(f"{w}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
+    key = hashlib.sha256(f"{Path(ref).resolve()}|{stamp}".encode()).hexdigest()[:10]
+    out = paths.cache_dir() / "merged" / f"{Path(ref).name}-{key}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def hf_weights_dir(ref: str, model: Any, tokenizer: Any) -> Path:
+    """A HF folder holding exactly the weights `ref` serves: the model folder itself for a base
+    model or merged export, a saved merge for a run (base + adapter)."""
+    with contextlib.suppress(ImportError):
+        from training.load import find_run_dir
+
+        if find_run_dir(ref) is not None:
+            return merged_model_dir(model, tokenizer, ref)
+    from tomelab.models import resolve_model
+
+    return resolve_model(ref)
+
+
+@dataclass
+class MatchReport:
+    """How a candidate engine's greedy outputs compare with the transformers fp32 reference."""
+
+    prompts: int
+    exact: int  # prompts whose first `n_tokens` greedy tokens are identical
+    mean_prefix: float  # mean fraction of the reference tokens matched before the first difference
+    n_tokens: int
+    passed: bool
+    criterion: str
+    details: list[dict] = field(default_factory=list)
+
+
+MATCH_CRITERION = "exact greedy token match on >= 7 of the 8 fixed prompts (first 32 tokens), mean prefix >= 0.95"
+
+
+def greedy_ids(engine: ChatEngine, prompt: str, n_tokens: int) -> list[int]:
+    """The first `n_tokens` greedy token ids (stop ids included) for one user prompt."""
+    s = GenerationSettings(temperature=0.0, max_new_tokens=n_tokens, system_prompt=DEFAULT_SYSTEM_PROMPT)
+    fitted = fit_prompt(engine.tokenizer, render_messages([], prompt, s.system_prompt), engine.backend.context_length)
+    ids: list[int] = []
+    with contextlib.closing(engine.backend.iter_tokens(fitted.ids, s, engine.stop_ids, threading.Event())) as tokens:
+        for t in tokens:
+            ids.append(t)
+            if t in engine.stop_ids or len(ids) >= n_tokens:
+                break
+    return ids
+
+
+def compare_greedy(reference: ChatEngine, candidate: ChatEngine, *, prompts: Sequence[str] = MATCH_PROMPTS,
+                   n_tokens: int = 32, reference_ids: dict[str, list[int]] | None = None) -> MatchReport:
+    """Greedy-output agreement of `candidate` with `reference` on a fixed prompt set.
+
+    `reference_ids` memoises the reference's answers across several candidates."""
+    exact, fracs, details = 0, [], []
+    memo = reference_ids if reference_ids is not None else {}
+    for p in prompts:
+        if p not in memo:
+            memo[p] = greedy_ids(reference, p, n_tokens)
+        a, b = memo[p], greedy_ids(candidate, p, n_tokens)
+        same = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            same += 1
+        frac = same / max(1, len(a))
+        exact += int(a == b)
+        fracs.append(frac)
+        details.append({"prompt": p, "exact": a == b, "prefix": round(frac, 3), "ref_len": len(a)})
+    mean_prefix = sum(fracs) / len(fracs)
+    passed = exact >= len(prompts) - 1 and mean_prefix >= 0.95
+    return MatchReport(len(prompts), exact, round(mean_prefix, 4), n_tokens, passed, MATCH_CRITERION, details)
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def source_gguf(ref: str) -> Path | None:
+    """The GGUF a registry base model was converted from (its HF weights are that file dequantised).
+
+    Serving it with llama.cpp uses the very same weights, already quantised, with no conversion.
+    None for fine-tunes, merged exports and unknown folders.
+    """
+    from tomelab.models import find_spec, resolve_model
+
+    if find_spec(ref) is None:
+        return None
+    with contextlib.suppress(TomelabError, OSError, ValueError):
+        meta = resolve_model(ref, pull=False) / "tomelab_model.json"
+        src = Path(read_json(meta).get("from_gguf", "")) if meta.is_file() else None
+        if src is not None and src.is_file():
+            return src
+    return None
+
+
+def pick_gguf(ref: str, model: Any, tokenizer: Any, gguf_type: str) -> Path:
+    """The GGUF llama.cpp serves for `ref`: the source file of a registry base model for `auto`,
+    else one converted (and cached) from the loaded HF weights as `gguf_type` (`auto` -> q8_0)."""
+    if gguf_type in ("auto", "source"):
+        src = source_gguf(ref)
+        if src is not None:
+            return src
+        if gguf_type == "source":
+            raise TomelabError(f"{ref} has no source GGUF (only registry base models do); use --gguf-type q8_0 or f16.")
+        gguf_type = "q8_0"
+    return export_gguf(merged_model_dir(model, tokenizer, ref), gguf_type)
+
+
+# `auto` tries these (engine, weights) in speed order as measured by bench/inference.py on 2 cores
+# (SmolLM2-135M: llama.cpp Q4_1 > ct2 int8 > llama.cpp f32 > ct2 float32 > transformers fp32) and
+# serves the first whose greedy output matches transformers fp32; transformers is the fallback.
+# The quantised ones failed the match there (3/8 and 1/8 prompts), the f32 ones matched 8/8.
+AUTO_ORDER = ("llama.cpp", "ctranslate2")
+AUTO_CANDIDATES = (("llama.cpp", "auto"), ("ctranslate2", "int8"), ("llama.cpp", "f32"), ("ctranslate2", "float32"))
+
+
+def ctranslate2_available() -> bool:
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, threads: int | None,
+                 context_length: int, gguf_type: str, ct2_quantization: str, label: str, info: dict) -> ChatEngine:
+    if kind == "llama.cpp":
+        if not llama_cpp_available():
+            raise TomelabError("llama-cpp-python is not installed (see docs/readme/app.md for the build flags)")
+        gguf = pick_gguf(ref, model, tok, gguf_type)
+        backend: Any = LlamaCppBackend(gguf, threads=threads, context_length=context_length)
+        info = dict(info, weights=str(gguf))
+    elif kind == "ctranslate2":
+        if not ctranslate2_available():
+            raise TomelabError("ctranslate2 is not installed: pip install 'ctranslate2>=4.8,<5'")
+        ct2 = export_ct2(hf_weights_dir(ref, model, tok), ct2_quantization)
+        backend = CTranslate2Backend(ct2, tok, compute_type=ct2_quantization, threads=threads, context_length=context_length)
+        info = dict(info, weights=str(ct2))
+    else:
+        raise TomelabError(f"unknown engine {kind!r}; use auto, transformers, llama.cpp or ctranslate2")
+    return ChatEngine(backend, tok, label=label, stop_ids=stop, info=info)
+
+
+def _match_report(reference: ChatEngine, candidate: ChatEngine, reference_ids: dict[str, list[int]]) -> dict:
+    """The greedy-match check of `candidate`, run once per weights file and chat template, then cached."""
+    weights = Path(candidate.info["weights"])
+    size = weights.stat().st_size if weights.is_file() else sum(p.stat().st_size for p in weights.glob("*"))
+    key = hashlib.sha256(f"{weights.resolve()}|{size}|{reference.tokenizer.chat_template}".encode()).hexdigest()[:10]
+    choice_file = paths.cache_dir() / "engine_choice" / f"{candidate.engine_name}-{weights.stem}-{key}.json"
+    if choice_file.is_file():
+        return read_json(choice_file)
+    log.info("checking %s on %s: greedy outputs against transformers fp32 (one-off)", candidate.engine_name, weights.name)
+    report = dataclasses.asdict(compare_greedy(reference, candidate, reference_ids=reference_ids))
+    write_json(choice_file, report)
+    return report
+
+
+def load_engine(
+    ref: str,
+    *,
+    engine: str = "auto",
+    label: str | None = None,
+    threads: int | None = None,
+    dtype: str = "float32",
+    gguf_type: str = "auto",
+    ct2_quantization: str = "int8",
+    context_length: int = 2048,
+    info: dict | None = None,
+) -> ChatEngine:
+    """A ready `ChatEngine` for `ref` (base name, run dir or merged export).
+
+    `auto` serves the first of `AUTO_CANDIDATES` that is installed and whose greedy outputs match the
+    transformers fp32 reference (`compare_greedy`, checked once per weights and cached under
+    `artifacts/cache/engine_choice/`); otherwise transformers `generate`. Naming an engine
+    serves it without the check (and fails loudly when it cannot load).
+    """
+    if engine not in ("auto", "transformers", *AUTO_ORDER):
+        raise TomelabError(f"unknown engine {engine!r}; use auto, transformers, {' or '.join(AUTO_ORDER)}")
+    model, tok = load_for_inference(ref, dtype=dtype)
+    stop = stop_token_ids(tok, getattr(model.generation_config, "eos_token_id", None))
+    label = label or ref
+    hf = ChatEngine(TransformersBackend(model, threads=threads, context_length=context_length), tok,
+                    label=label, stop_ids=stop, info=dict(info or {}))
+    if engine == "transformers":
+        hf.info["engine_reason"] = "requested"
+        return hf
+    reasons: list[str] = []
+    reference_ids: dict[str, list[int]] = {}
+    if engine == "auto":
+        candidates = list(AUTO_CANDIDATES)
+    else:
+        candidates = [(engine, gguf_type if engine == "llama.cpp" else ct2_quantization)]
+    for kind, weights in candidates:
+        try:
+            fast = _fast_engine(kind, ref, model, tok, stop, threads=threads, context_length=context_length,
+                                gguf_type=weights, ct2_quantization=weights, label=label, info=dict(info or {}))
+        except (TomelabError, subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
+            if engine != "auto":
+                raise TomelabError(f"cannot serve {ref} with {kind}: {e}") from e
+            log.warning("%s (%s) unavailable for %s: %s", kind, weights, ref, e)
+            reasons.append(f"{kind} {weights}: {str(e)[:120]}")
+            continue
+        if engine != "auto":
+            fast.info["engine_reason"] = f"requested ({Path(fast.info['weights']).name}, greedy match not checked)"
+            return fast
+        report = _match_report(hf, fast, reference_ids)
+        match = f"greedy match {report['exact']}/{report['prompts']} prompts, mean prefix {report['mean_prefix']}"
+        if report["passed"]:
+            fast.info["engine_reason"] = f"{Path(fast.info['weights']).name}: {match}"
+            return fast
+        log.warning("%s (%s) on %s failed the greedy match (%s)", kind, weights, ref, match)
+        reasons.append(f"{kind} {weights} failed the {match}")
+    hf.info["engine_reason"] = "fallback; " + "; ".join(reasons) if reasons else "fallback"
+    return hf
