@@ -97,7 +97,24 @@ def read_winner(results_dir: Path) -> dict | None:
     missing = [k for k in ("variant", "base", "run_dir") if k not in w]
     if missing:
         raise TomelabError(f"{p}: missing field(s) {', '.join(missing)}. Re-run `tomelab ablate` to rewrite it.")
-    return w
+    return _locate_winner_run(w, p)
+
+
+def _locate_winner_run(w: dict, source: Path) -> dict | None:
+    """winner.json is committed but runs are not: find the run on this machine, or serve the base model.
+
+    A run recorded under another checkout's absolute path is looked up again under this machine's
+    `runs/<variant>/<base>/<seed>/`; if it was never trained here the app falls back to the base model
+    (with the banner) instead of failing."""
+    ref = w.get("model_dir") or w["run_dir"]
+    if Path(ref).exists():
+        return w
+    local = paths.runs_dir() / w["variant"] / w["base"] / str(w.get("seed"))
+    if (local / "adapter").exists() or (local / "config.json").exists():
+        return {**w, "run_dir": str(local), "model_dir": None}
+    log.warning("%s names run %s, which is not on this machine (train it with `make demo` or `tomelab ablate`); "
+                "serving the base model", source, ref)
+    return None
 
 
 def finished_runs(runs_dir: Path) -> list[ModelEntry]:

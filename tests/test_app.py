@@ -319,3 +319,22 @@ def test_browser_sends_message_and_sees_streamed_answer(live_app, tmp_path: Path
     assert "tok/s" in out["status"]
     assert shot.is_file() and shot.stat().st_size > 10_000
     print(f"\nbrowser: streamed in {len(out['lengths'])} visible steps; screenshot {shot}")
+
+
+def test_committed_winner_from_another_checkout_is_relocated_or_falls_back(tmp_home, tmp_path):
+    """winner.json is committed with the run's absolute path; on another machine the app must find the
+    same run under its own runs dir, or serve the base model, never crash."""
+    import app as app_module
+    from tomelab import paths
+
+    results = tmp_path / "results"
+    results.mkdir()
+    winner = {"variant": "v", "base": "smollm2-135m-instruct", "seed": 1,
+              "run_dir": "/elsewhere/artifacts/runs/v/smollm2-135m-instruct/1", "model_dir": None}
+    (results / "winner.json").write_text(json.dumps(winner))
+    assert app_module.read_winner(results) is None  # not trained here: base model + banner
+
+    local = paths.runs_dir() / "v" / "smollm2-135m-instruct" / "1"
+    (local / "adapter").mkdir(parents=True)
+    found = app_module.read_winner(results)
+    assert found is not None and Path(found["run_dir"]) == local
