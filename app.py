@@ -107,7 +107,7 @@ def _locate_winner_run(w: dict, source: Path) -> dict | None:
     `runs/<variant>/<base>/<seed>/`; if it was never trained here the app falls back to the base model
     (with the banner) instead of failing."""
     ref = w.get("model_dir") or w["run_dir"]
-    if Path(ref).exists():
+    if any(Path(r).exists() for r in (w.get("model_dir"), w["run_dir"]) if r):
         return w
     local = paths.runs_dir() / w["variant"] / w["base"] / str(w.get("seed"))
     if (local / "adapter").exists() or (local / "config.json").exists():
