@@ -65,15 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(rc or 0)
 
 
-def not_built(name: str, issue: str):
-    """Handler for a stage that a later issue fills in: says so clearly, exits 2."""
-
-    def handler(args: argparse.Namespace) -> int:
-        raise TomelabError(f"`tomelab {name}` is not built yet ({issue}).")
-
-    return handler
-
-
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())
