@@ -76,7 +76,7 @@ def build_engines(ref: str, threads: int, convert: list[str], ct2: list[str], co
             engines[f"ct2-{quant}"] = ChatEngine(CTranslate2Backend(d, tok, compute_type=quant, threads=threads,
                                                                     context_length=context_length), tok, label=f"ct2-{quant}", stop_ids=stop)
     if not llama_cpp_available():
-        log.warning("llama-cpp-python is not installed: no llama.cpp peer (see docs/readme/app.md to build it)")
+        log.warning("llama-cpp-python is not installed: no llama.cpp peer (see the README section Building llama-cpp-python to build it)")
         return engines
     src = source_gguf(ref)
     if src is not None:

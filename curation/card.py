@@ -82,8 +82,11 @@ def render_card(recipe: Recipe, stats: dict[str, Any], train: pl.DataFrame, png_
           "task_categories:", "- text-generation", "size_categories:", f"- {_size_category(n)}",
           "source_datasets:"] + [f"- {s}" for s in srcs] + [
           f"config_hash: {stats['config_hash']}", f"heldout: {Path(stats['heldout_dir']).name}", "---", ""]
+    by_tokens = stats.get("budget_unit") == "tokens"
+    budget = (f"token budget {stats['budget_tokens']:,}, at most {stats['budget_rows']:,} rows" if by_tokens
+              else f"budget {stats['budget_rows']:,}")
     out = fm + [f"# Dataset card: `{recipe.name}`", "", recipe.description or "", "",
-                f"{n:,} training rows (budget {stats['budget_rows']:,}), built by "
+                f"{n:,} training rows ({budget}), built by "
                 f"`tomelab curate {stats['recipe_file']}` in {stats['seconds']:.0f} s (stages marked \"checkpoint\" were "
                 f"reused from an earlier run; their seconds are from that run).", ""]
     if stats["warnings"]:
@@ -98,9 +101,19 @@ def render_card(recipe: Recipe, stats: dict[str, Any], train: pl.DataFrame, png_
         reasons = ", ".join(f"{k}: {v:,}" for k, v in s["dropped"].items()) or "-"
         secs = f"{s['seconds']:.1f}" + (" (checkpoint)" if s.get("extra", {}).get("resumed") else "")
         out.append(f"| {s['stage']} | {s['rows_in']:,} | {s['kept']:,} | {s['n_dropped']:,} | {secs} | {reasons} |")
-    out += ["", "## Source mix", "", "| source | rows | share | target |", "|---|---|---|---|"]
-    for s, c in sorted(stats["mix"].items()):
-        out.append(f"| {s} | {c:,} | {c / max(n, 1):.1%} | {stats['targets'].get(s, 0):,} |")
+    out += ["", "## Source mix", ""]
+    if by_tokens:  # tokens taken against each source's token target; rows follow from row lengths
+        total = sum(stats["tokens"].values())
+        out += [f"Budget in **tokens** (prompt + response): `budget_tokens` = {stats['budget_tokens']:,}.", "",
+                "| source | rows | tokens | token share | token target |", "|---|---|---|---|---|"]
+        for s, c in sorted(stats["mix"].items()):
+            tok = stats["tokens"].get(s, 0)
+            out.append(f"| {s} | {c:,} | {tok:,} | {tok / max(total, 1):.1%} | {stats['token_targets'].get(s, 0):,} |")
+    else:
+        out += [f"Budget in **rows**: `budget_rows` = {stats['budget_rows']:,}.", "",
+                "| source | rows | share | target |", "|---|---|---|---|"]
+        for s, c in sorted(stats["mix"].items()):
+            out.append(f"| {s} | {c:,} | {c / max(n, 1):.1%} | {stats['targets'].get(s, 0):,} |")
     out += ["", "## Token lengths", "", "Approximate tokens (words and punctuation marks).", "", _length_table(train), ""]
     dec = next((s for s in stats["stages"] if s["stage"] == "decontam"), None)
     out += ["## Decontamination", ""]

@@ -1,14 +1,18 @@
-"""Mixing and budget: per-source row targets from the recipe's shares, then a seeded sample.
+"""Mixing and budget: per-source targets from the recipe's shares, then a seeded sample.
 
-Every variant of one ablation samples the same `budget_rows`, so a gain comes from which rows, not
-how many. If a source cannot fill its share, the shortfall goes to the other sources in proportion
-and a warning says so; if the whole pool is smaller than the budget, a loud warning names it.
+Every variant of one ablation samples the same budget, so a gain comes from which rows, not how
+many. The budget is `budget_rows` rows, or, when `budget_tokens` > 0, that many prompt + response
+tokens (so a source of long rows does not take more compute than its share); `budget_rows` then
+caps the total rows. If a source cannot fill its share, the shortfall goes to the other sources in
+proportion and a warning says so; if the whole pool is smaller than the budget, a loud warning names it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -20,27 +24,31 @@ from tomelab.stats import Timer
 log = logging.getLogger(__name__)
 
 
-def source_targets(recipe: Recipe, available: dict[str, int]) -> tuple[dict[str, int], list[str]]:
-    """Rows to take from each pool source (sums to min(budget, pool)), plus warnings."""
-    notes: list[str] = []
+def row_tokens(df: pl.DataFrame) -> pl.Series:
+    """Tokens a row costs in training: its approximate prompt + response tokens (from `prepare`)."""
+    return df.select((pl.col("prompt_tokens").cast(pl.Int64) + pl.col("response_tokens")).alias("tokens")).to_series()
+
+
+def _pool_shares(recipe: Recipe, available: dict[str, int]) -> dict[str, float]:
+    """The `mix` shares; with no `mix` and several pool sources, shares in proportion to `available`."""
     shares = recipe.shares() or {s: 1.0 / len(recipe.pool_sources) for s in recipe.pool_sources}
     if not recipe.mix and len(recipe.pool_sources) > 1:  # no stated ratios: proportional to what is there
         total = sum(available.get(s, 0) for s in recipe.pool_sources) or 1
         shares = {s: available.get(s, 0) / total for s in recipe.pool_sources}
-    budget = min(recipe.budget_rows, sum(available.get(s, 0) for s in shares))
-    if budget < recipe.budget_rows:
-        notes.append(f"only {budget} rows survive curation, fewer than budget_rows = {recipe.budget_rows}: "
-                     f"lower budget_rows for every variant of this ablation, or loosen the stages")
-    raw = {s: shares[s] * budget for s in shares}
-    targets = {s: int(math.floor(v)) for s, v in raw.items()}
-    for s in sorted(raw, key=lambda s: raw[s] - targets[s], reverse=True)[: budget - sum(targets.values())]:
-        targets[s] += 1  # largest remainders, so targets sum exactly to the budget
+    return shares
+
+
+def _allocate(shares: dict[str, float], budget: int, available: dict[str, int],
+              unit: str) -> tuple[dict[str, int], list[str]]:
+    """Split `budget` (<= what is available) by `shares`, refilling a short source from the others."""
+    notes: list[str] = []
+    targets = _largest_remainder({s: shares[s] * budget for s in shares}, budget)  # sums exactly to the budget
     for _ in range(len(targets)):
         short = {s: targets[s] - available.get(s, 0) for s in targets if targets[s] > available.get(s, 0)}
         if not short:
             break
         for s, n in short.items():
-            notes.append(f"source {s} has {available.get(s, 0)} rows for a share of {targets[s]}; "
+            notes.append(f"source {s} has {available.get(s, 0)} {unit} for a share of {targets[s]}; "
                          f"the other sources fill the {n} missing")
             targets[s] -= n
         spare = {s: available.get(s, 0) - targets[s] for s in targets if available.get(s, 0) > targets[s]}
@@ -57,6 +65,60 @@ def source_targets(recipe: Recipe, available: dict[str, int]) -> tuple[dict[str,
             targets[s] += add
             leftover -= add
     return targets, notes
+
+
+def source_targets(recipe: Recipe, available: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Rows to take from each pool source (sums to min(budget, pool)), plus warnings."""
+    shares = _pool_shares(recipe, available)
+    budget = min(recipe.budget_rows, sum(available.get(s, 0) for s in shares))
+    notes: list[str] = []
+    if budget < recipe.budget_rows:
+        notes.append(f"only {budget} rows survive curation, fewer than budget_rows = {recipe.budget_rows}: "
+                     f"lower budget_rows for every variant of this ablation, or loosen the stages")
+    targets, short = _allocate(shares, budget, available, "rows")
+    return targets, notes + short
+
+
+def source_token_targets(recipe: Recipe, available_tokens: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Tokens to take from each pool source (sums to min(budget_tokens, pool tokens)), plus warnings."""
+    shares = _pool_shares(recipe, available_tokens)
+    budget = min(recipe.budget_tokens, sum(available_tokens.get(s, 0) for s in shares))
+    notes: list[str] = []
+    if budget < recipe.budget_tokens:
+        notes.append(f"WARNING: only {budget:,} tokens survive curation, fewer than budget_tokens = "
+                     f"{recipe.budget_tokens:,}: lower budget_tokens for every variant of this ablation, "
+                     f"or loosen the stages")
+    targets, short = _allocate(shares, budget, available_tokens, "tokens")
+    return targets, notes + short
+
+
+@dataclass
+class BudgetPlan:
+    """What the quality and budget stages aim for, decided once from the rows that reach them.
+
+    `row_targets` are the row budget's targets, or, for a token budget, ceil(token target / mean
+    tokens per row of the source): the rows the quality stage scores candidates for and keeps.
+    """
+
+    unit: Literal["rows", "tokens"]
+    row_targets: dict[str, int]
+    token_targets: dict[str, int] = field(default_factory=dict)  # empty for a row budget
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_budget(recipe: Recipe, df: pl.DataFrame) -> BudgetPlan:
+    """Per-source targets in the recipe's budget unit, from the rows (and their tokens) in `df`."""
+    per_source = (df.with_columns(row_tokens(df)).group_by("source")
+                  .agg(pl.len().alias("rows"), pl.col("tokens").sum()).rows_by_key("source", named=True, unique=True))
+    rows = {s: int(v["rows"]) for s, v in per_source.items()}
+    if recipe.budget_unit == "rows":
+        targets, notes = source_targets(recipe, rows)
+        return BudgetPlan("rows", targets, notes=notes)
+    tokens = {s: int(v["tokens"]) for s, v in per_source.items()}
+    token_targets, notes = source_token_targets(recipe, tokens)
+    row_targets = {s: min(rows[s], -(-t * rows[s] // tokens[s])) if t and tokens.get(s) else 0  # integer ceil
+                   for s, t in token_targets.items()}
+    return BudgetPlan("tokens", row_targets, token_targets, notes)
 
 
 def sample_budget(df: pl.DataFrame, targets: dict[str, int], seed: int, notes: list[str]) -> StageResult:
@@ -81,3 +143,58 @@ def sample_budget(df: pl.DataFrame, targets: dict[str, int], seed: int, notes: l
     for n in notes:
         log.warning("%s", n)
     return split_result(df, "budget", reason, detail, t.seconds, extra={"targets": targets, "warnings": notes})
+
+
+def sample_token_budget(df: pl.DataFrame, token_targets: dict[str, int], seed: int, notes: list[str],
+                        max_rows: int) -> StageResult:
+    """Per source, rows in a seeded random order until its token target is reached (so it overshoots
+    by less than one row); then, if more than `max_rows` rows were taken, each source keeps the first
+    rows of its order in proportion. The rest are dropped as over_budget (not_in_mix outside the mix)."""
+    with Timer() as t:
+        rng = np.random.default_rng(seed)
+        src = df["source"].to_list()
+        tokens = row_tokens(df).to_list()
+        notes = list(notes)
+        orders: dict[str, list[int]] = {}  # source -> its row positions in seeded order
+        take: dict[str, int] = {}  # source -> rows taken (a prefix of its order)
+        for s in sorted(set(src)):
+            pos = [i for i, x in enumerate(src) if x == s]
+            target = token_targets.get(s, 0)
+            orders[s] = [pos[k] for k in rng.permutation(len(pos)).tolist()] if target else pos
+            cum = np.cumsum([tokens[i] for i in orders[s]]) if target else np.zeros(0, dtype=np.int64)
+            take[s] = min(int(np.searchsorted(cum, target)) + 1, len(pos)) if target else 0
+            if target and (not len(cum) or cum[-1] < target):
+                notes.append(f"source {s}: only {int(cum[-1]) if len(cum) else 0:,} tokens reach the budget stage "
+                             f"for a target of {target:,} (an earlier stage dropped more than expected): "
+                             f"loosen it or lower budget_tokens")
+        wanted = sum(take.values())
+        if wanted > max_rows:
+            capped = _largest_remainder({s: n * max_rows / wanted for s, n in take.items()}, max_rows)
+            notes.append(f"budget_rows = {max_rows:,} caps the rows: the token targets wanted {wanted:,} rows, so "
+                         f"every source keeps {max_rows / wanted:.0%} of its rows and misses its token target; "
+                         f"raise budget_rows to let budget_tokens decide")
+            take = capped
+        reason: list[str | None] = [None] * len(df)
+        detail = [""] * len(df)
+        tokens_taken: dict[str, int] = {}
+        for s, order in orders.items():
+            n = take[s]
+            tokens_taken[s] = sum(tokens[i] for i in order[:n])
+            why = (f"{s}: {tokens_taken[s]:,} of {token_targets[s]:,} tokens target reached with {n:,} of "
+                   f"{len(order):,} rows" if s in token_targets else f"{s}: not in the mix")
+            for i in order[n:]:
+                reason[i] = "over_budget" if s in token_targets else "not_in_mix"
+                detail[i] = why
+    for n in notes:
+        log.warning("%s", n)
+    return split_result(df, "budget", reason, detail, t.seconds,
+                        extra={"budget": "tokens", "token_targets": token_targets, "tokens_taken": tokens_taken,
+                               "rows_taken": take, "max_rows": max_rows, "warnings": notes})
+
+
+def _largest_remainder(raw: dict[str, float], total: int) -> dict[str, int]:
+    """Round `raw` down, then give the units left to the largest remainders so the sum is `total`."""
+    out = {s: int(math.floor(v)) for s, v in raw.items()}
+    for s in sorted(raw, key=lambda s: raw[s] - out[s], reverse=True)[: total - sum(out.values())]:
+        out[s] += 1
+    return out

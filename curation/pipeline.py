@@ -249,7 +249,7 @@ def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = Tru
     from curation.card import write_card
     from curation.decontam import collect_test_items, decontaminate, test_set_stamps
     from curation.embed import Embedder
-    from curation.mixing import sample_budget, source_targets
+    from curation.mixing import plan_budget, row_tokens, sample_budget, sample_token_budget
     from curation.quality import select_by_quality
 
     recipe = load_recipe(recipe_path)
@@ -290,15 +290,20 @@ def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = Tru
             df = runner.run("semantic_dedup", sd, df,
                             lambda d: dedup.semantic_dedup(d, sd, Embedder(sd.model), progress=progress),
                             fix="Raise [semantic_dedup] threshold.")
-        available = df.group_by("source").len().to_dict(as_series=False)
-        targets, notes = source_targets(recipe, dict(zip(available["source"], available["len"])))
+        plan = plan_budget(recipe, df)
+        targets, notes = plan.row_targets, plan.notes
         if recipe.quality.enabled:
             q = recipe.quality
             df = runner.run("quality", (q, targets), df,
                             lambda d: select_by_quality(d, q, targets, recipe.seed, progress=progress),
                             fix="Raise [quality] max_ifd, or lower min_score.")
-        df = runner.run("budget", (recipe.budget_rows, targets, recipe.seed), df,
-                        lambda d: sample_budget(d, targets, recipe.seed, notes))
+        if plan.unit == "rows":  # the same stage config as before token budgets, so old checkpoints still match
+            df = runner.run("budget", (recipe.budget_rows, targets, recipe.seed), df,
+                            lambda d: sample_budget(d, targets, recipe.seed, notes))
+        else:
+            df = runner.run("budget", (recipe.budget_rows, recipe.budget_tokens, plan.token_targets, recipe.seed), df,
+                            lambda d: sample_token_budget(d, plan.token_targets, recipe.seed, notes,
+                                                          max_rows=recipe.budget_rows))
 
         train = df.drop([c for c in HELPER_COLUMNS if c in df.columns])
         train = train.select([*ROW_SCHEMA.names, *_score_columns(df)])
@@ -312,11 +317,16 @@ def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = Tru
         "recipe_file": str(recipe_path),
         "heldout_dir": str(heldout_dir),
         "budget_rows": recipe.budget_rows,
+        "budget_tokens": recipe.budget_tokens,
+        "budget_unit": plan.unit,
         "rows": len(train),
         "sources": {n: {"origin": sources[n].origin, "fingerprint": sources[n].fingerprint,
                         "rows": sources[n].table.num_rows} for n in sources},
         "mix": {s: int(n) for s, n in train.group_by("source").len().iter_rows()},
         "targets": targets,
+        "token_targets": plan.token_targets,
+        "tokens": {s: int(n) for s, n in train.with_columns(row_tokens(train)).group_by("source")
+                   .agg(pl.col("tokens").sum()).iter_rows()},
         "warnings": runner.stats[-1].extra.get("warnings", notes),
         "seconds": round(total.seconds, 2),
         "stages": [s.to_dict() for s in all_stats],

@@ -110,15 +110,17 @@ class QualityScorer:
 
             new: list[dict] = []
             bs = self.cfg.batch_size
+            # length-sorted batches: left padding to the longest row of a batch is wasted compute
+            encoded = sorted(((i, self._encode(m)) for i, m in todo), key=lambda t: len(t[1][0]) + len(t[1][1]))
             bar = tqdm(total=len(todo), desc="IFD/NLL", unit="row", disable=not progress)
-            for start in range(0, len(todo), bs):
-                chunk = todo[start: start + bs]
-                enc = [self._encode(m) for _, m in chunk]
+            for start in range(0, len(encoded), bs):
+                chunk = encoded[start: start + bs]
+                enc = [e for _, e in chunk]
                 cond = self._losses([(p, a) for p, a, _ in enc])
                 alone = self._losses([(h, a) for _, a, h in enc])
                 new += [{"id": i, "nll": c, "nll_alone": a} for (i, _), c, a in zip(chunk, cond, alone)]
                 bar.update(len(chunk))
-                if len(new) >= 256 or start + bs >= len(todo):  # checkpoint: a kill loses at most one chunk
+                if len(new) >= 256 or start + bs >= len(encoded):  # checkpoint: a kill loses at most one chunk
                     cache = pl.concat([cache, pl.DataFrame(new, schema=SCORE_SCHEMA)])
                     write_parquet(self.cache_file, cache)
                     new = []

@@ -141,11 +141,17 @@ class DecontamConfig:
 
 @dataclass
 class Recipe:
-    """One dataset variant. `budget_rows` is the same for all variants of one ablation."""
+    """One dataset variant. `budget_rows` is the same for all variants of one ablation.
+
+    `budget_tokens` > 0 budgets by tokens instead (prompt + response tokens per source share), so
+    sources with long rows do not take more compute than their share; `budget_rows` then only caps
+    the total rows, since every variant inherits it from the ablation's base.
+    """
 
     name: str
     budget_rows: int
     sources: list[SourceConfig]
+    budget_tokens: int = 0  # 0 = budget by rows
     description: str = ""
     seed: int = 0
     pool: list[str] = field(default_factory=list)  # sources sampled from; empty = all in `mix` or the first
@@ -161,6 +167,9 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.budget_rows < 1:
             raise ValueError("budget_rows must be >= 1")
+        if self.budget_tokens < 0:
+            raise ValueError(f"budget_tokens must be >= 0, got {self.budget_tokens}: set budget_tokens = 0 "
+                             f"to budget by rows, or a positive token count to budget by tokens")
         names = [s.name for s in self.sources]
         if not names:
             raise ValueError("list at least one [[sources]]")
@@ -181,6 +190,10 @@ class Recipe:
         if self.mix:
             return [n for n, v in self.mix.items() if v > 0]
         return self.pool or [self.sources[0].name]
+
+    @property
+    def budget_unit(self) -> Literal["rows", "tokens"]:
+        return "tokens" if self.budget_tokens > 0 else "rows"
 
     def shares(self) -> dict[str, float]:
         """Each pool source's share of the budget (sums to 1)."""

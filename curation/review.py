@@ -402,6 +402,8 @@ def build_settings(scores: list[str], dim: int):
         fields=[
             rg.TextField(name="prompt", title="Conversation so far", use_markdown=True),
             rg.TextField(name="response", title="Assistant response", use_markdown=True),
+            # the reviewer sees why this row was picked (the scores or the near-duplicate it matches)
+            rg.TextField(name="why_flagged", title="Why tomelab picked this row", required=False),
         ],
         questions=[
             rg.LabelQuestion(name="decision", title="Keep or drop?", labels=list(DECISIONS)),
@@ -465,6 +467,7 @@ def push(variant: str, cfg: ReviewConfig, target: ArgillaTarget | None = None) -
                 f"{cfg.embed_model!r} gives {emb.shape[1]}-d. Push with the model used first, or delete the dataset in Argilla."
             )
         known_meta = {m.name for m in dataset.settings.metadata}
+        has_why = "why_flagged" in {f.name for f in dataset.settings.fields}  # datasets made before it lack it
         skipped = [c for c in scores if c not in known_meta]
         if skipped:
             log.warning("score columns %s are not in the existing dataset's metadata; not sent", skipped)
@@ -484,7 +487,9 @@ def push(variant: str, cfg: ReviewConfig, target: ArgillaTarget | None = None) -
             records.append(
                 rg.Record(
                     id=row["id"],
-                    fields={"prompt": render_prompt(row["messages"]) or "(empty)", "response": last_assistant(row["messages"]) or "(empty)"},
+                    fields={"prompt": render_prompt(row["messages"]) or "(empty)",
+                            "response": last_assistant(row["messages"]) or "(empty)",
+                            **({"why_flagged": f"{row['flagged_by']}: {row['flag_detail']}"} if has_why else {})},
                     metadata=meta,
                     vectors={"embedding": emb[k].tolist()},
                     suggestions=sugg,

@@ -325,11 +325,14 @@ def plan_systems(cfg: AblationConfig, cfg_path: Path, names: dict[str, str]) -> 
     return out
 
 
-def run_ablation(cfg_path: str | Path) -> Path:
+def run_ablation(cfg_path: str | Path, *, reverse: bool = False) -> Path:
     """Curate, then per seed (outer loop) train and evaluate every row; then compare. Returns the results dir.
 
     Seeds are the outer loop so that an ablation cut short still holds whole seeds for every row:
-    re-running with fewer seeds builds a leaderboard from the cache at once.
+    re-running with fewer seeds builds a leaderboard from the cache at once. `reverse` walks the
+    runs from the last to the first: a second process started that way on the same config shares the
+    work with the first (per-run locks in training and eval keep them off each other's runs), so
+    single-threaded runs use two cores.
     """
     from curation.pipeline import curate
     from training.train import train_run
@@ -362,16 +365,17 @@ def run_ablation(cfg_path: str | Path) -> Path:
             evaluate(b, ecfg, heldout_dir=heldout_dir)
     total = len(systems) * len(cfg.seeds)
     log.info("[3/4] train + evaluate %d run(s) (finished runs and cached eval sets are skipped)", total)
-    done = 0
-    for seed in cfg.seeds:
-        for sys_ in systems:
-            done += 1
-            log.info("run %d/%d: %s seed %d", done, total, sys_.name, seed)
-            rd = train_run(sys_.train_variant, sys_.base, seed, sys_.train_config)
-            evaluate(rd, ecfg, heldout_dir=heldout_dir)
-            sys_.refs.append(str(rd))
-            sys_.seeds.append(seed)
-            sys_.run_dirs[seed] = str(rd)
+    order = [(seed, sys_) for seed in cfg.seeds for sys_ in systems]
+    for done, (seed, sys_) in enumerate(reversed(order) if reverse else order, start=1):
+        log.info("run %d/%d: %s seed %d", done, total, sys_.name, seed)
+        rd = train_run(sys_.train_variant, sys_.base, seed, sys_.train_config)
+        evaluate(rd, ecfg, heldout_dir=heldout_dir)
+        sys_.refs.append(str(rd))
+        sys_.seeds.append(seed)
+        sys_.run_dirs[seed] = str(rd)
+    for sys_ in systems:  # seed order, whichever way the runs were walked
+        pairs = sorted(zip(sys_.seeds, sys_.refs))
+        sys_.seeds, sys_.refs = [a for a, _ in pairs], [b for _, b in pairs]
     if cfg.include_base:
         base_rows = [System(BASE_ROW if len(bases) == 1 else f"{BASE_ROW} {b}", [b], [None], trained=False, base=b)
                      for b in bases]

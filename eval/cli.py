@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ablate", help="curate, train and evaluate every variant x seed; leaderboard and winner")
     p.add_argument("config", help="ablation TOML, e.g. configs/ablation.toml")
+    p.add_argument("--reverse", action="store_true",
+                   help="walk the runs last to first: start a second process with it to share the runs over two cores")
     p.set_defaults(func=_ablate)
 
 
@@ -68,6 +70,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     from eval.ablate import run_ablation
 
-    out = run_ablation(args.config)
+    out = run_ablation(args.config, reverse=args.reverse)
     print(f"leaderboard: {out / 'leaderboard.md'}\nwinner: {out / 'winner.json'}")
     return 0

@@ -3,6 +3,9 @@
 Outputs per (model, set) go to `artifacts/evals/<run-key>/<set>.jsonl` (one line per item: id, prompt,
 output, reference, scores) plus `metrics.json`. A set whose config, items and model are unchanged is
 read back instead of recomputed, so the base model is evaluated once and an ablation resumes.
+Outputs of another config for the same (model, set) are stashed as `.<set>.<config hash>.jsonl/.json`
+rather than overwritten, so switching between eval configs (a quick subset, then the full set) never
+throws away finished generations: asking for an earlier config again restores its outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from eval.sets import EvalItem, LoadedSet, load_gsm8k, load_heldout, load_ifeval
 from tomelab import paths
 from tomelab.config import config_hash, to_dict
 from tomelab.errors import TomelabError
-from tomelab.io import read_json, write_json, write_jsonl
+from tomelab.io import exclusive, read_json, write_json, write_jsonl
 from tomelab.stats import StageStats, Timer
 
 log = logging.getLogger(__name__)
@@ -179,7 +183,14 @@ def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any,
 
 
 def evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None = None, force: bool = False) -> dict[str, Any]:
-    """Evaluate one model (base name or run dir) on every enabled set; cached per (model, set)."""
+    """Evaluate one model (base name or run dir) on every enabled set; cached per (model, set).
+
+    One process at a time evaluates a model: another one waits, then reads the cached outputs."""
+    with exclusive(evals_dir() / run_key(ref), "evaluate"):
+        return _evaluate(ref, cfg, heldout_dir=heldout_dir, force=force)
+
+
+def _evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None, force: bool) -> dict[str, Any]:
     key = run_key(ref)
     out_dir = evals_dir() / key
     metrics_path = out_dir / "metrics.json"
@@ -199,6 +210,12 @@ def evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None = Non
             cached = state["sets"].get(name, {})
             if not force and cached.get("config_hash") == tag and (out_dir / f"{name}.jsonl").is_file():
                 log.info("%s/%s: cached (%d items)", key, name, cached.get("n_items", 0))
+                continue
+            _stash_set(out_dir, name, cached)
+            if not force and _restore_set(out_dir, name, tag, state):
+                log.info("%s/%s: restored from an earlier run of this config (%d items)", key, name,
+                         state["sets"][name].get("n_items", 0))
+                write_json(metrics_path, state)
                 continue
             if model is None:
                 log.info("loading %s", ref)
@@ -226,6 +243,28 @@ def evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None = Non
     state["metrics"] = {m: v for n, s in state["sets"].items() if n in cfg.enabled_sets() for m, v in s["metrics"].items()}
     write_json(metrics_path, state)
     return state
+
+
+def _stash_set(out_dir: Path, name: str, cached: dict[str, Any]) -> None:
+    """Keep the current outputs of `name` under their config hash before another config replaces them."""
+    current = out_dir / f"{name}.jsonl"
+    old_tag = cached.get("config_hash")
+    if old_tag and current.is_file() and not (out_dir / f".{name}.{old_tag}.json").is_file():
+        shutil.copyfile(current, out_dir / f".{name}.{old_tag}.jsonl")
+        write_json(out_dir / f".{name}.{old_tag}.json", cached)  # written last: marks the stash complete
+
+
+def _restore_set(out_dir: Path, name: str, tag: str, state: dict[str, Any]) -> bool:
+    """Bring back stashed outputs of config `tag`, if a complete stash exists."""
+    stash, stash_state = out_dir / f".{name}.{tag}.jsonl", out_dir / f".{name}.{tag}.json"
+    if not (stash.is_file() and stash_state.is_file()):
+        return False
+    tmp = out_dir / f".{name}.jsonl.restoring"
+    shutil.copyfile(stash, tmp)
+    tmp.replace(out_dir / f"{name}.jsonl")
+    state["sets"][name] = read_json(stash_state)
+    state["metrics"] = {m: v for s in state["sets"].values() for m, v in s["metrics"].items()}
+    return True
 
 
 def read_item_scores(ref: str | Path, set_name: str) -> dict[str, dict[str, Any]]:

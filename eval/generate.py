@@ -134,6 +134,8 @@ def assistant_nll(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result: dict[str, tuple[float, int]] = {}
     model.eval()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     with tqdm(total=len(ids), desc=desc, unit="conv") as bar, torch.inference_mode():
         i = 0
         while i < len(ids):
@@ -148,14 +150,21 @@ def assistant_nll(
                 inp[r, : len(toks)] = torch.tensor(toks)
                 att[r, : len(toks)] = 1
                 lab_mask[r, : len(m)] = torch.tensor(m)
-            logits = model(input_ids=inp, attention_mask=att).logits[:, :-1].float()
+            # the output layer only at assistant positions: over every position, a 262k-word vocabulary
+            # (Gemma 3) needs ~9 GB of logits per 8k-token batch, and most of them are thrown away
+            hidden = decoder(input_ids=inp, attention_mask=att).last_hidden_state[:, :-1]
             target = inp[:, 1:]
-            tmask = lab_mask[:, 1:].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-            nll = nll.view(target.shape) * tmask
+            sel = lab_mask[:, 1:].bool()
+            logits = head(hidden[sel]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            nll = F.cross_entropy(logits, target[sel], reduction="none")
+            row_of = torch.arange(len(chunk)).unsqueeze(1).expand_as(sel)[sel]
+            sums = torch.zeros(len(chunk), dtype=nll.dtype).index_add_(0, row_of, nll)
+            counts = sel.sum(1)
             for r, cid in enumerate(chunk):
-                k = int(tmask[r].sum())
-                result[cid] = (float(nll[r].sum()) / k if k else math.nan, k)
+                k = int(counts[r])
+                result[cid] = (float(sums[r]) / k if k else math.nan, k)
             bar.update(len(chunk))
             i += len(chunk)
     return result

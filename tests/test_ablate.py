@@ -184,7 +184,7 @@ class _Fakes:
                  "scores": {"nll": 1.0 + i / 10 - shift, "n_tokens": 5}} for i in range(8)]
 
 
-def _run(monkeypatch, tmp_path: Path, fakes: _Fakes) -> Path:
+def _run(monkeypatch, tmp_path: Path, fakes: _Fakes, *, reverse: bool = False) -> Path:
     import curation.pipeline
     import training.train
     from eval import evaluate as ev
@@ -202,7 +202,7 @@ def _run(monkeypatch, tmp_path: Path, fakes: _Fakes) -> Path:
                    f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
                    f'results_dir = "{tmp_path / "results"}"\nn_bootstrap = 200\nmetrics = ["heldout_nll"]\n'
                    f'[winner]\nmetric = "heldout_nll"\ntie_breaker = "heldout_nll"\n')
-    return ablate.run_ablation(cfg)
+    return ablate.run_ablation(cfg, reverse=reverse)
 
 
 def test_killed_ablation_resumes_where_it_stopped(tmp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -223,6 +223,45 @@ def test_killed_ablation_resumes_where_it_stopped(tmp_home: Path, tmp_path: Path
     third = _Fakes(tmp_home, crash_on_train=None)
     _run(monkeypatch, tmp_path, third)
     assert third.trained == [] and third.evaluated == []  # a finished ablation re-run only rewrites reports
+
+
+def test_reverse_worker_walks_runs_last_to_first_and_agrees(tmp_home: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """`--reverse` (the second worker) starts at the last run; its leaderboard equals the forward one."""
+    rev = _Fakes(tmp_home, crash_on_train=3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(monkeypatch, tmp_path, rev, reverse=True)
+    assert rev.trained == ["dedup/1", "random/1"]
+    fwd = _Fakes(tmp_home, crash_on_train=None)
+    out = _run(monkeypatch, tmp_path, fwd)
+    assert fwd.trained == ["random/0", "dedup/0"]  # the reverse worker's runs are reused
+    forward_board = (out / "leaderboard.csv").read_text()
+    _run(monkeypatch, tmp_path, _Fakes(tmp_home, crash_on_train=None), reverse=True)
+    assert (out / "leaderboard.csv").read_text() == forward_board  # seeds re-sorted: same table
+
+
+def test_two_processes_take_turns_on_one_run(tmp_path: Path):
+    """The per-run lock: a second holder waits until the first leaves."""
+    import threading
+    import time
+
+    from tomelab.io import exclusive
+
+    events: list[str] = []
+
+    def worker(name: str, hold: float) -> None:
+        with exclusive(tmp_path / "run", "train"):
+            events.append(f"{name} in")
+            time.sleep(hold)
+            events.append(f"{name} out")
+
+    a = threading.Thread(target=worker, args=("a", 0.3))
+    a.start()
+    time.sleep(0.05)
+    b = threading.Thread(target=worker, args=("b", 0.0))
+    b.start()
+    a.join(), b.join()
+    assert events == ["a in", "a out", "b in", "b out"]
 
 
 def test_eval_of_a_missing_run_is_one_clear_line(tmp_home: Path, capsys: pytest.CaptureFixture):
@@ -259,11 +298,14 @@ def test_sweep_configs_load_and_plan(path: Path):
         assert "heldout_nll" not in cfg.metrics  # per-token NLL is not comparable across tokenizers
 
 
-def test_sweep_baseline_arm_reuses_the_ablation_runs():
-    abl = load_config("configs/ablation.toml", AblationConfig)
-    sweep = load_config("configs/sweeps/lora-rank.toml", AblationConfig)
-    base_arm = ablate.plan_systems(sweep, Path("lora-rank.toml"), {v: v for v in sweep.variants})[0]
+@pytest.mark.parametrize(("ablation", "sweep_name"), [("ablation-small", "lora-rank"), ("ablation", "base-model")])
+def test_sweep_baseline_arm_reuses_the_ablation_runs(ablation: str, sweep_name: str):
+    abl = load_config(f"configs/{ablation}.toml", AblationConfig)
+    sweep = load_config(f"configs/sweeps/{sweep_name}.toml", AblationConfig)
+    systems = ablate.plan_systems(sweep, Path(f"{sweep_name}.toml"), {v: v for v in sweep.variants})
+    base_arm = next(s for s in systems if s.name == sweep.baseline)
     assert base_arm.train_config == ablate.train_config_for(abl)  # same config hash -> train_run skips it
+    assert set(sweep.variants) <= set(abl.variants) and sweep.eval_config == abl.eval_config
 
 
 def test_bad_arm_configs_are_config_errors(tmp_path: Path):

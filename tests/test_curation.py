@@ -12,7 +12,8 @@ import pytest
 from curation import dedup, filters
 from curation.decontam import decontaminate, load_test_set, ngram_hashes
 from curation.frame import prepare
-from curation.mixing import sample_budget, source_targets
+from curation.card import render_card
+from curation.mixing import plan_budget, row_tokens, sample_budget, sample_token_budget, source_targets
 from curation.recipe import (
     DecontamConfig,
     ExactDedupConfig,
@@ -241,6 +242,105 @@ def test_budget_sample_is_seeded_and_conserves_rows() -> None:
     assert r1.kept.group_by("source").len().sort("source").rows() == [("a", 5), ("b", 3)]
 
 
+# ------------------------------------------------------------------ token budget
+
+
+def token_recipe(tmp_path: Path, budget_tokens: int, budget_rows: int = 10_000):
+    p = tmp_path / "r.toml"
+    p.write_text(f"budget_rows = {budget_rows}\nbudget_tokens = {budget_tokens}\nseed = 5\n"
+                 "[mix]\na = 0.5\nb = 0.3\nc = 0.2\n"
+                 + "".join(f'[[sources]]\nname = "{n}"\nkind = "alpaca"\n' for n in "abcd"))
+    return load_recipe(p)
+
+
+def token_pool(c_rows: int = 80) -> pl.DataFrame:
+    """Sources of different row lengths (a long, b short, c medium) plus `d`, which is not in the mix."""
+    return pl.concat([rows([(f"question {i} about plants", "word " * (30 + i % 17)) for i in range(60)], source="a"),
+                      rows([(f"q {i}", "w " * (3 + i % 5)) for i in range(200)], source="b"),
+                      rows([(f"ask {i}", "some " * (10 + i % 7)) for i in range(c_rows)], source="c"),
+                      rows([(f"other {i}", "x " * 9) for i in range(15)], source="d")])
+
+
+def tokens_by_source(df: pl.DataFrame) -> dict[str, tuple[int, int]]:
+    """source -> (token sum, longest row)."""
+    agg = df.with_columns(row_tokens(df)).group_by("source").agg(
+        pl.col("tokens").sum(), pl.col("tokens").max().alias("longest"))
+    return {s: (int(t), int(m)) for s, t, m in agg.iter_rows()}
+
+
+def test_token_budget_follows_shares_within_one_row(tmp_path: Path) -> None:
+    recipe, df = token_recipe(tmp_path, 2000), token_pool()
+    plan = plan_budget(recipe, df)
+    assert plan.unit == "tokens" and plan.token_targets == {"a": 1000, "b": 600, "c": 400} and plan.notes == []
+    pool = tokens_by_source(df)
+    n_rows = dict(df.group_by("source").len().iter_rows())
+    # quality sizes its candidates in rows: ceil(token target / mean tokens per row of the source)
+    assert plan.row_targets == {s: -(-t * n_rows[s] // pool[s][0]) for s, t in plan.token_targets.items()}
+    res = sample_token_budget(df, plan.token_targets, recipe.seed, plan.notes, max_rows=recipe.budget_rows)
+    taken = tokens_by_source(res.kept)
+    for s, target in plan.token_targets.items():
+        assert target <= taken[s][0] < target + taken[s][1], s  # reached, overshot by less than one row
+    assert res.stats.extra["tokens_taken"] == {s: taken[s][0] for s in "abc"} | {"d": 0}
+    assert res.stats.extra["token_targets"] == plan.token_targets and res.stats.extra["warnings"] == []
+    detail = res.dropped.filter(pl.col("source") == "a")["detail"][0]
+    assert detail.startswith(f"a: {taken['a'][0]:,} of 1,000 tokens target reached with ")
+    assert detail.endswith(" of 60 rows")
+
+
+def test_token_budget_is_seeded(tmp_path: Path) -> None:
+    recipe, df = token_recipe(tmp_path, 2000), token_pool()
+    targets = plan_budget(recipe, df).token_targets
+    r1, r2, r3 = (sample_token_budget(df, targets, seed, [], max_rows=10_000) for seed in (7, 7, 8))
+    assert r1.kept["id"].to_list() == r2.kept["id"].to_list() != r3.kept["id"].to_list()
+
+
+def test_token_budget_refills_a_short_source_and_warns(tmp_path: Path) -> None:
+    df = token_pool(c_rows=5)  # c: ~70 tokens for a share of 400
+    c_tokens = tokens_by_source(df)["c"][0]
+    plan = plan_budget(token_recipe(tmp_path, 2000), df)
+    assert plan.token_targets["c"] == c_tokens and sum(plan.token_targets.values()) == 2000
+    assert plan.token_targets["a"] > 1000 and plan.token_targets["b"] > 600
+    assert any(f"source c has {c_tokens} tokens for a share of 400" in n for n in plan.notes)
+    res = sample_token_budget(df, plan.token_targets, 5, plan.notes, max_rows=10_000)
+    assert res.kept.filter(pl.col("source") == "c").height == 5
+    # the whole pool below the budget: a loud warning naming the key
+    big = plan_budget(token_recipe(tmp_path, 10**7), df)
+    assert any(n.startswith("WARNING") and "budget_tokens = 10,000,000" in n for n in big.notes)
+    assert big.token_targets == {s: t for s, (t, _) in tokens_by_source(df).items() if s != "d"}
+
+
+def test_token_budget_conserves_rows_and_budget_rows_caps_them(tmp_path: Path) -> None:
+    df = token_pool()
+    plan = plan_budget(token_recipe(tmp_path, 2000), df)
+    res = sample_token_budget(df, plan.token_targets, 5, [], max_rows=10_000)
+    conserved(res, len(df))
+    assert set(res.stats.dropped) == {"over_budget", "not_in_mix"} and res.stats.dropped["not_in_mix"] == 15
+    capped = sample_token_budget(df, plan.token_targets, 5, [], max_rows=50)
+    conserved(capped, len(df))
+    assert capped.stats.kept == 50
+    assert any("budget_rows = 50 caps the rows" in n for n in capped.stats.extra["warnings"])
+    # the cap keeps a prefix of each source's seeded order: a subset of the uncapped rows
+    assert set(capped.kept["id"]) < set(res.kept["id"])
+
+
+def test_bad_budget_tokens_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="budget_tokens must be >= 0.*budget_tokens = 0"):
+        token_recipe(tmp_path, -1)
+
+
+def test_card_states_the_budget_unit(tmp_path: Path) -> None:
+    recipe, df = token_recipe(tmp_path, 2000), token_pool()
+    stats = {"variant": "t", "description": "", "config_hash": "abc", "recipe_file": "r.toml", "heldout_dir": "/x/h",
+             "budget_rows": 10_000, "budget_tokens": 2000, "budget_unit": "tokens", "rows": 3, "sources": {},
+             "mix": {"a": 2, "b": 1}, "targets": {"a": 30, "b": 90}, "token_targets": {"a": 1000, "b": 600},
+             "tokens": {"a": 1010, "b": 603}, "warnings": [], "seconds": 1.0, "stages": []}
+    card = render_card(recipe, stats, df, "f.png")
+    assert "Budget in **tokens**" in card and "| a | 2 | 1,010 | 62.6% | 1,000 |" in card
+    assert "token budget 2,000, at most 10,000 rows" in card
+    rows_card = render_card(recipe, {**stats, "budget_unit": "rows", "budget_tokens": 0}, df, "f.png")
+    assert "Budget in **rows**" in rows_card and "| a | 2 | 66.7% | 30 |" in rows_card
+
+
 # ------------------------------------------------------------------ the shipped recipes
 
 
@@ -256,3 +356,7 @@ def test_shipped_variants_share_budget_heldout_and_decontam() -> None:
     mix = load_recipe(REPO / "configs/variants/mix.toml")
     assert set(mix.shares()) == {"sharegpt", "gsm8k", "alpaca", "self_instruct"}
     assert abs(sum(mix.shares().values()) - 1) < 1e-9
+    assert mix.budget_unit == "rows"
+    tokens = load_recipe(REPO / "configs/variants/mix-tokens.toml")
+    assert tokens.name == "mix-tokens" and tokens.budget_unit == "tokens" and tokens.budget_tokens == 250_000
+    assert tokens.shares() == mix.shares() and tokens.budget_rows == 1000 > mix.budget_rows  # a looser row cap

@@ -3,6 +3,7 @@ assistant-token masks on the real tokenizer, and one real end-to-end `evaluate` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -138,10 +139,40 @@ def test_evaluate_base_model_end_to_end_then_cached(tmp_home: Path, shared_data:
     held = [json.loads(x) for x in (out_dir / "heldout.jsonl").read_text().splitlines()]
     assert sum(r["output"] is not None for r in held) == 2
     assert res["sets"]["ifeval"]["stats"]["dropped"] == {"over_limit": 538}
+    # another IFEval config for the same model replaces the current outputs but stashes the old ones
+    cfg_one = dataclasses.replace(cfg, ifeval=GenSetConfig(limit=1, max_new_tokens=12))
+    one = ev.evaluate("smollm2-135m-instruct", cfg_one, heldout_dir=hd)
+    assert one["sets"]["ifeval"]["n_items"] == 1 and len((out_dir / "ifeval.jsonl").read_text().splitlines()) == 1
 
     def no_model(*a, **k):
         raise AssertionError("a cached evaluation must not load the model")
 
     monkeypatch.setattr(ev, "load_model_for_eval", no_model)
-    again = ev.evaluate("smollm2-135m-instruct", cfg, heldout_dir=hd)
+    again = ev.evaluate("smollm2-135m-instruct", cfg, heldout_dir=hd)  # restored from the stash, no model
     assert again["metrics"] == m
+    assert [json.loads(x) for x in (out_dir / "ifeval.jsonl").read_text().splitlines()] == ifeval
+    assert ev.evaluate("smollm2-135m-instruct", cfg_one, heldout_dir=hd)["sets"]["ifeval"]["n_items"] == 1
+
+
+@pytest.mark.e2e
+def test_assistant_nll_matches_the_full_logits_computation(smollm2_dir: Path):
+    """The output layer runs only at assistant positions; the NLL equals the plain full-logits one."""
+    import torch
+    import torch.nn.functional as F
+
+    from eval.generate import assistant_nll, assistant_token_mask
+    from tomelab.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct").eval()
+    convs = [("a", [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue."}]),
+             ("b", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+                    {"role": "assistant", "content": "An apple, a pear or a plum."}])]
+    got = assistant_nll(model, tok, convs, max_length=128, tokens_per_batch=64)  # both rows in one batch
+    for cid, msgs in convs:
+        ids, mask = assistant_token_mask(tok, msgs, 128)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        m = torch.tensor(mask[1:], dtype=torch.bool)
+        assert got[cid][1] == int(m.sum()) > 0
+        assert got[cid][0] == pytest.approx(float(nll[m].mean()), abs=1e-4)

@@ -197,7 +197,7 @@ def test_quantised_engine_that_diverges_fails_the_match(engine: ChatEngine) -> N
     assert not report.passed and report.exact == 0 and 0.3 <= report.mean_prefix < 0.5
 
 
-@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not built here (see docs/readme/app.md)")
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not built here (see the README section Building llama-cpp-python)")
 def test_llama_cpp_streams_and_stops(engine: ChatEngine) -> None:
     lc = load_engine("smollm2-135m-instruct", engine="llama.cpp", threads=2)
     events = list(lc.stream_chat([], "What is 2 + 2? Answer with one number.", GenerationSettings(temperature=0.0, max_new_tokens=48)))

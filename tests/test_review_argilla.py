@@ -102,6 +102,7 @@ def test_push_label_pull_apply_exact_rows(variant, server, annotator_key, tmp_ho
     assert top.id == expected[5] and similarity == pytest.approx(1.0, abs=1e-3) and len(top.vectors["embedding"]) == 384
     assert [h[1] for h in hits] == sorted((h[1] for h in hits), reverse=True)
     assert top.fields["response"] == probe["messages"][-1]["content"]
+    assert top.fields["why_flagged"].startswith("low-score: quality_score=")  # why the reviewer sees this row
     assert top.metadata["quality_score"] == pytest.approx(probe["quality_score"]) and top.metadata["ifd"] == pytest.approx(probe["ifd"])
     assert top.metadata["source"] == "alpaca" and top.metadata["flagged_by"] == "low-score"
     assert top.suggestions["decision"].value in ("keep", "drop") and top.suggestions["quality"].value in range(1, 6)

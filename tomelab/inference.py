@@ -728,12 +728,14 @@ def pick_gguf(ref: str, model: Any, tokenizer: Any, gguf_type: str) -> Path:
     return export_gguf(merged_model_dir(model, tokenizer, ref), gguf_type)
 
 
-# `auto` tries these (engine, weights) in speed order as measured by bench/inference.py on 2 cores
-# (SmolLM2-135M: llama.cpp Q4_1 > ct2 int8 > llama.cpp f32 > ct2 float32 > transformers fp32) and
-# serves the first whose greedy output matches transformers fp32; transformers is the fallback.
-# The quantised ones failed the match there (3/8 and 1/8 prompts), the f32 ones matched 8/8.
+# `auto` tries these (engine, weights) in speed order as measured by bench/inference.py
+# (SmolLM2-135M, 1 thread: llama.cpp Q4_1 57.7 tok/s > ct2 int8 > llama.cpp f16 35.4 > llama.cpp f32 23.3
+# > ct2 float32 18.5 > transformers fp32 12.1) and serves the first whose greedy output matches
+# transformers fp32; transformers is the fallback. The quantised ones failed the match there
+# (Q4_1 3/8, q8_0 1/8, ct2 int8 1/8 prompts); f16 and f32 matched 8/8.
 AUTO_ORDER = ("llama.cpp", "ctranslate2")
-AUTO_CANDIDATES = (("llama.cpp", "auto"), ("ctranslate2", "int8"), ("llama.cpp", "f32"), ("ctranslate2", "float32"))
+AUTO_CANDIDATES = (("llama.cpp", "auto"), ("ctranslate2", "int8"), ("llama.cpp", "f16"), ("llama.cpp", "f32"),
+                   ("ctranslate2", "float32"))
 
 
 def ctranslate2_available() -> bool:
@@ -744,7 +746,7 @@ def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, t
                  context_length: int, gguf_type: str, ct2_quantization: str, label: str, info: dict) -> ChatEngine:
     if kind == "llama.cpp":
         if not llama_cpp_available():
-            raise TomelabError("llama-cpp-python is not installed (see docs/readme/app.md for the build flags)")
+            raise TomelabError("llama-cpp-python is not installed (see the README section Building llama-cpp-python for the build flags)")
         gguf = pick_gguf(ref, model, tok, gguf_type)
         backend: Any = LlamaCppBackend(gguf, threads=threads, context_length=context_length)
         info = dict(info, weights=str(gguf))

@@ -30,6 +30,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def exclusive(target: str | Path, what: str = "work on") -> Iterator[None]:
+    """Hold an exclusive lock for `target` (a file `.<name>.lock` beside it) while the block runs.
+
+    Two processes that share outputs (an ablation and a sweep reusing its runs) then take turns: the
+    second waits, and finds the work finished. The lock dies with its process, so a kill -9 never
+    leaves a stale one behind.
+    """
+    import fcntl
+    import logging
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info("another process is busy with %s; waiting to %s it", target, what)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -28,7 +28,7 @@ from typing import Any
 from tomelab import paths
 from tomelab.config import config_hash, to_dict
 from tomelab.errors import TomelabError
-from tomelab.io import atomic_path, read_json, write_json, write_jsonl
+from tomelab.io import atomic_path, exclusive, read_json, write_json, write_jsonl
 from tomelab.models import find_spec, resolve_model
 from training.data import (
     Example,
@@ -226,8 +226,15 @@ def train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bo
 
     Skips a finished run with the same resolved config; resumes a killed one from its checkpoint.
     `force` retrains from scratch. `_interrupt_after_step` is a test hook that stops the run
-    (without saving) after that optimiser step, as a kill -9 would.
+    (without saving) after that optimiser step, as a kill -9 would. One process at a time trains a
+    run dir: another one asking for it waits, then skips the finished run.
     """
+    with exclusive(run_dir_for(variant, base, seed), "train"):
+        return _train_run(variant, base, seed, cfg, force=force, _interrupt_after_step=_interrupt_after_step)
+
+
+def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bool,
+               _interrupt_after_step: int | None) -> Path:
     import torch
     from tqdm import tqdm
 
