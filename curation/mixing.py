@@ -67,29 +67,29 @@ def _allocate(shares: dict[str, float], budget: int, available: dict[str, int],
     return targets, notes
 
 
+def _budget_targets(recipe: Recipe, available: dict[str, int], wanted: int,
+                    unit: Literal["rows", "tokens"]) -> tuple[dict[str, int], list[str]]:
+    """`wanted` units split over the pool sources (sums to min(wanted, pool)), plus warnings."""
+    shares = _pool_shares(recipe, available)
+    budget = min(wanted, sum(available.get(s, 0) for s in shares))
+    notes: list[str] = []
+    if budget < wanted:
+        fmt = "," if unit == "tokens" else ""  # token counts are large: thousands separators
+        loud = "WARNING: " if unit == "tokens" else ""
+        notes.append(f"{loud}only {budget:{fmt}} {unit} survive curation, fewer than budget_{unit} = {wanted:{fmt}}: "
+                     f"lower budget_{unit} for every variant of this ablation, or loosen the stages")
+    targets, short = _allocate(shares, budget, available, unit)
+    return targets, notes + short
+
+
 def source_targets(recipe: Recipe, available: dict[str, int]) -> tuple[dict[str, int], list[str]]:
     """Rows to take from each pool source (sums to min(budget, pool)), plus warnings."""
-    shares = _pool_shares(recipe, available)
-    budget = min(recipe.budget_rows, sum(available.get(s, 0) for s in shares))
-    notes: list[str] = []
-    if budget < recipe.budget_rows:
-        notes.append(f"only {budget} rows survive curation, fewer than budget_rows = {recipe.budget_rows}: "
-                     f"lower budget_rows for every variant of this ablation, or loosen the stages")
-    targets, short = _allocate(shares, budget, available, "rows")
-    return targets, notes + short
+    return _budget_targets(recipe, available, recipe.budget_rows, "rows")
 
 
 def source_token_targets(recipe: Recipe, available_tokens: dict[str, int]) -> tuple[dict[str, int], list[str]]:
     """Tokens to take from each pool source (sums to min(budget_tokens, pool tokens)), plus warnings."""
-    shares = _pool_shares(recipe, available_tokens)
-    budget = min(recipe.budget_tokens, sum(available_tokens.get(s, 0) for s in shares))
-    notes: list[str] = []
-    if budget < recipe.budget_tokens:
-        notes.append(f"WARNING: only {budget:,} tokens survive curation, fewer than budget_tokens = "
-                     f"{recipe.budget_tokens:,}: lower budget_tokens for every variant of this ablation, "
-                     f"or loosen the stages")
-    targets, short = _allocate(shares, budget, available_tokens, "tokens")
-    return targets, notes + short
+    return _budget_targets(recipe, available_tokens, recipe.budget_tokens, "tokens")
 
 
 @dataclass
