@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for name, t in timing.items():
         m = match.get(name)
-        mtxt = "reference" if name == "hf-fp32" else f"{m.exact}/{m.prompts} exact, prefix {m.mean_prefix:.2f} ({'pass' if m.passed else 'FAIL'})"
+        mtxt = "reference" if name == "hf-fp32" else f"{m.exact}/{m.prompts} exact" + (f" + {m.ties} tie" if m.ties else "") + f", prefix {m.mean_prefix:.2f} ({'pass' if m.passed else 'FAIL'})"
         r_tps = f"{t['tok_s'] / peer['tok_s']:.2f}x" if peer else "n/a"
         r_first = f"{t['first_token_s'] / peer['first_token_s']:.2f}x" if peer else "n/a"
         print(f"| {name} | {t['tok_s']:.1f} | {r_tps} | {t['first_token_s']:.3f} | {r_first} | {mtxt} |")

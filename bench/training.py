@@ -80,12 +80,16 @@ def worker_tomelab(args: argparse.Namespace) -> dict:
     cfg = _bench_config(args, args.token_budget)
     if args.micro_batch and args.micro_batch < cfg.batch_size:  # same optimiser batch, fewer activations held at once
         cfg = replace(cfg, batch_size=args.micro_batch, grad_accum=cfg.batch_size // args.micro_batch)
+    if args.micro_batch_tokens >= 0:
+        cfg = replace(cfg, micro_batch_tokens=args.micro_batch_tokens)
     run_dir = train_run(VARIANT, args.base, args.seed, cfg, force=True)
     m = read_json(run_dir / METRICS)
     return {"name": "tomelab recipe", "tokens": m["tokens_seen"], "seconds": m["train_seconds"], "tok_s": m["tok_s"],
             "steps": m["steps"], "train_loss": m["final_train_loss"], "val_loss": m["final_val_loss"],
             "peak_rss_mb": _rss_mb(), "setup": f"{m['quantization']}/{m['base_dtype']}, threads {m['threads']}, "
-                                                  f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum}"}
+                                                  f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum}"
+                                                  + (f", micro-batches capped at {cfg.micro_batch_tokens} padded tokens"
+                                                     if cfg.micro_batch_tokens else "")}
 
 
 def worker_trl(args: argparse.Namespace) -> dict:
@@ -259,6 +263,18 @@ def _spawn(args: argparse.Namespace, home: Path, worker: str, extra: list[str] |
     return res
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tok/s, carrying every run's tok/s (and the largest peak RSS) with it."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["tok_s"])
+    if not ok:
+        return runs[0]
+    med = dict(ok[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        med["tok_s_runs"] = [r.get("tok_s") for r in runs]
+        med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    return med
+
+
 def _prepare(args: argparse.Namespace, home: Path) -> int:
     """Build the bench variant in `home` (models shared) and return its tokens per epoch."""
     os.environ["TOMELAB_HOME"] = str(home)
@@ -299,6 +315,10 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=0,
                     help="tomelab side: micro-batches of this size with gradient accumulation up to --batch-size "
                          "(same optimiser batch; bounds activation memory)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=-1,
+                    help="tomelab side: cap on a micro-batch's padded tokens (-1: the recipe's micro_batch_tokens; 0: no cap)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run TRL (bf16=False) and tomelab this many times each, interleaved; report the median tok/s")
     ap.add_argument("--skip-trl-defaults", action="store_true",
                     help="skip TRL's literal defaults (bf16 autocast: very slow on CPUs without native bf16)")
     ap.add_argument("--lever-time-limit", type=float, default=120,
@@ -328,8 +348,12 @@ def main() -> int:
             results["base"] = _spawn(args, home, "base")
             results["trl"] = (_spawn(args, home, "trl", ["--trl-time-limit", str(args.trl_time_limit)])
                               if not args.skip_trl_defaults else {"name": "TRL SFTTrainer defaults", "error": "skipped"})
-            results["trl_fp32"] = _spawn(args, home, "trl", ["--trl-fp32", "--trl-time-limit", str(args.trl_time_limit)])
-            results["tomelab"] = _spawn(args, home, "tomelab", ["--micro-batch", str(args.micro_batch)])
+            trl_runs, ours_runs = [], []
+            for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
+                trl_runs.append(_spawn(args, home, "trl", ["--trl-fp32", "--trl-time-limit", str(args.trl_time_limit)]))
+                ours_runs.append(_spawn(args, home, "tomelab", ["--micro-batch", str(args.micro_batch),
+                                                                "--micro-batch-tokens", str(args.micro_batch_tokens)]))
+            results["trl_fp32"], results["tomelab"] = _median_run(trl_runs), _median_run(ours_runs)
         if args.levers or args.only_levers:
             results["levers"] = [_spawn(args, home, "lever", ["--lever", name, "--lever-time-limit", str(args.lever_time_limit)],
                                         timeout=1800) for name in LEVERS]
@@ -345,7 +369,8 @@ def main() -> int:
             if "error" in r:
                 print(f"| {r['name']} | error: {r['error']} |")
             else:
-                print(f"| {r['name']} | {r['tokens']:,} | {r['seconds']} | {r['tok_s']} | {r['val_loss']} | "
+                runs = f" (median of {', '.join(map(str, r['tok_s_runs']))})" if r.get("tok_s_runs") else ""
+                print(f"| {r['name']} | {r['tokens']:,} | {r['seconds']} | {r['tok_s']}{runs} | {r['val_loss']} | "
                       f"{r['peak_rss_mb']:.0f} | {r['setup']} |")
         if "error" not in ours:
             for key, r in (("defaults", peers[0]), ("fp32", peers[1])):

@@ -222,6 +222,38 @@ def plot_metrics(path: Path, rows: list[MetricRow], systems: list[System], metri
     plt.close(fig)
 
 
+def plot_curve(path: Path, rows: list[MetricRow], systems: list[System], metrics: list[str], key: str) -> None:
+    """One panel per metric against the training key `key` the sweep varies (e.g. trained tokens),
+    error bars = bootstrap 95% CI of the mean; the untouched base model sits at 0 for token_budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs: dict[str, float] = {}
+    for s in systems:
+        if s.trained and s.train_config is not None:
+            xs[s.name] = float(getattr(s.train_config, key))
+        elif not s.trained and key == "token_budget":
+            xs[s.name] = 0.0
+    shown = [m for m in metrics if any(r.metric == m and r.system in xs for r in rows)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], shown):
+        pts = sorted((xs[r.system], r) for r in rows if r.metric == m and r.system in xs)
+        x = [p for p, _ in pts]
+        y = [r.mean for _, r in pts]
+        err = [[r.mean - r.ci.lo if r.ci else 0 for _, r in pts], [r.ci.hi - r.mean if r.ci else 0 for _, r in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+        if min(x) >= 0 and max(x) > 10 * max(min((v for v in x if v > 0), default=1), 1):
+            ax.set_xscale("symlog", linthresh=max(min((v for v in x if v > 0), default=1), 1))
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_title(m + (" (lower better)" if not METRICS[m][3] else ""), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_loss_curves(path: Path, systems: list[System]) -> None:
     import matplotlib
 
@@ -394,6 +426,8 @@ def write_results(cfg: AblationConfig, cfg_path: Path, systems: list[System], st
     write_csv(results / "leaderboard.csv", rows)
     plot_metrics(results / "metrics.png", rows, systems, cfg.metrics)
     plot_loss_curves(results / "loss_curves.png", systems)
+    if cfg.curve:
+        plot_curve(results / "curve.png", rows, systems, cfg.metrics, cfg.curve)
     if stats:
         plot_funnels(results / "funnel.png", stats)
     win, k, run_metrics = pick_winner(rows, systems, cfg.winner)

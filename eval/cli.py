@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-dir", default=None,
                    help="held-out set folder (default: the one in the run's variant stats.json)")
     p.add_argument("--force", action="store_true", help="recompute even when cached outputs match")
+    p.add_argument("--assist", action="store_true",
+                   help="second worker for a running `tomelab eval` of the same model and config (engine = llama.cpp): "
+                        "generates its pending items from the other end; the main process scores them")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("ablate", help="curate, train and evaluate every variant x seed; leaderboard and winner")
@@ -49,6 +52,16 @@ def _eval(args: argparse.Namespace) -> int:
     from tomelab.errors import TomelabError
 
     cfg = load_config(args.config, EvalConfig)
+    if args.assist:
+        from eval.evaluate import assist_generation
+
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        n = assist_generation(args.run, cfg)
+        print(f"assist: {n} items answered (by both workers); the main `tomelab eval` process scores them")
+        return 0
     rd = Path(args.run)
     if ("/" in args.run or rd.exists()) and not rd.is_dir() and args.run.count("/") != 1:
         raise TomelabError(f"run {args.run} does not exist. List runs with `ls artifacts/runs/*/*/`.")

@@ -58,6 +58,12 @@ class EvalConfig:
     # torch intra-op threads while evaluating; 0 keeps torch's default. On a CPU shared by several jobs,
     # 1 thread generated ~5x faster than 2 here (OpenMP workers spin-wait when preempted).
     threads: int = 0
+    # generation engine for IFEval/GSM8K/held-out answers. "llama.cpp" is the app's serving path: a GGUF
+    # of the same weights (gguf_type), one prompt at a time, faster than batched transformers `generate`
+    # for long answers on CPU (README: Evaluation). Its kernels differ, so greedy outputs can drift late in
+    # long answers: compare models within one engine. NLL is always computed with transformers.
+    engine: Literal["transformers", "llama.cpp"] = "transformers"
+    gguf_type: Literal["f16", "f32"] = "f16"
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     ifeval: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
     gsm8k: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
@@ -137,10 +143,15 @@ class AblationConfig:
     # Model-centric sweeps: when set, the leaderboard rows are these arms (baseline = an arm name)
     # instead of the variants; data stays fixed to `variants` (usually one, the best data variant).
     arms: list[Arm] = field(default_factory=list)
+    # a numeric training key the arms vary (e.g. "token_budget"): also plot every metric against it
+    # (curve.png; the untouched base model is the 0 point of a token_budget curve)
+    curve: str = ""
 
     def __post_init__(self) -> None:
         if not self.variants:
             raise ValueError("variants must list at least one recipe")
+        if self.curve and not self.arms:
+            raise ValueError("curve plots a training key the [[arms]] vary: it needs [[arms]]")
         if self.arms:
             self._check_arms()
         elif self.baseline not in self.variants:
@@ -148,6 +159,14 @@ class AblationConfig:
         self._check_common()
 
     def _check_arms(self) -> None:
+        if self.curve:
+            import dataclasses
+
+            from training.recipe import TrainConfig
+
+            numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", int, float)}
+            if self.curve not in numeric:
+                raise ValueError(f"curve {self.curve!r} must be a numeric training key, one of {', '.join(sorted(numeric))}")
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")

@@ -143,8 +143,8 @@ def _heldout_generation_items(pool: list[EvalItem], sc: Any, tok: Any) -> list[E
 
 
 def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any, tok: Any, out_dir: Path, tag: str,
-                  pool: list[EvalItem] | None = None) -> list[dict]:
-    from eval.generate import assistant_nll, generate_greedy
+                  pool: list[EvalItem] | None = None, engine: Any = None) -> list[dict]:
+    from eval.generate import assistant_nll, generate_greedy, generate_greedy_engine
 
     sc = getattr(cfg, name)
     if name == "heldout":
@@ -161,8 +161,14 @@ def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any,
         for cid, (v, k) in nll.items():
             by_id[cid]["scores"].update(nll=None if math.isnan(v) else v, n_tokens=k)
     if gen_items:
-        outs = generate_greedy(model, tok, [(it.id, it.messages) for it in gen_items], max_new_tokens=sc.max_new_tokens,
-                               batch_size=cfg.batch_size, partial_path=out_dir / f".{name}.partial-{tag}.jsonl", desc=f"{name} generate")
+        prompts = [(it.id, it.messages) for it in gen_items]
+        partial = out_dir / f".{name}.partial-{tag}.jsonl"
+        if engine is not None:
+            outs = generate_greedy_engine(engine, prompts, max_new_tokens=sc.max_new_tokens, partial_path=partial,
+                                          desc=f"{name} generate")
+        else:
+            outs = generate_greedy(model, tok, prompts, max_new_tokens=sc.max_new_tokens, batch_size=cfg.batch_size,
+                                   partial_path=partial, desc=f"{name} generate")
         for it in gen_items:
             by_id[it.id]["output"] = outs[it.id]
     if name == "heldout" and gen_items:
@@ -198,15 +204,13 @@ def _evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None, for
     state.update(ref=str(ref), run_key=key)
     state.setdefault("sets", {})
     fingerprint = _model_fingerprint(ref)
-    model = tok = None
+    model = tok = engine = None
     for name in cfg.enabled_sets():
         with Timer() as t:
             loaded = _load_set(name, cfg, Path(heldout_dir) if heldout_dir else None)
             pool = stable_subset(loaded.items, None)
             items = pool[: getattr(cfg, name).limit]
-            tag = config_hash({"set": to_dict(getattr(cfg, name)), "items": [it.id for it in items],
-                               "pool": [it.id for it in pool] if name == "heldout" else None,
-                               "model": fingerprint, "dtype": cfg.dtype})
+            tag = _set_tag(name, cfg, items, pool, fingerprint)
             cached = state["sets"].get(name, {})
             if not force and cached.get("config_hash") == tag and (out_dir / f"{name}.jsonl").is_file():
                 log.info("%s/%s: cached (%d items)", key, name, cached.get("n_items", 0))
@@ -224,7 +228,8 @@ def _evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None, for
 
                     torch.set_num_threads(cfg.threads)
                 model, tok = load_model_for_eval(ref, cfg.dtype)
-            records = _evaluate_set(name, items, cfg, model, tok, out_dir, tag, pool)
+                engine = _generation_engine(ref, cfg)
+            records = _evaluate_set(name, items, cfg, model, tok, out_dir, tag, pool, engine)
             write_jsonl(out_dir / f"{name}.jsonl", records)
             if loaded.quarantine:
                 write_jsonl(out_dir / f"{name}.quarantine.jsonl", loaded.quarantine)
@@ -243,6 +248,56 @@ def _evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None, for
     state["metrics"] = {m: v for n, s in state["sets"].items() if n in cfg.enabled_sets() for m, v in s["metrics"].items()}
     write_json(metrics_path, state)
     return state
+
+
+def _set_tag(name: str, cfg: EvalConfig, items: list[EvalItem], pool: list[EvalItem], fingerprint: str) -> str:
+    """What a set's cached outputs depend on: its config, its items, the model and the decoding path."""
+    return config_hash({"set": to_dict(getattr(cfg, name)), "items": [it.id for it in items],
+                        "pool": [it.id for it in pool] if name == "heldout" else None,
+                        "model": fingerprint, "dtype": cfg.dtype,
+                        # only when not the default, so outputs cached before this option stay valid
+                        **({"engine": f"{cfg.engine}-{cfg.gguf_type}"} if cfg.engine != "transformers" else {})})
+
+
+def assist_generation(ref: str | Path, cfg: EvalConfig) -> int:
+    """A second worker for a running `tomelab eval` of the same model and config: generates the pending
+    IFEval/GSM8K items from the last one backwards into the evaluation's partial file, and returns how
+    many of them are answered (by either worker). Scoring stays with the main process, which skips what
+    this one wrote.
+    Only for a serving engine (`engine = "llama.cpp"`), whose generation is one prompt at a time."""
+    from eval.generate import generate_greedy_engine
+
+    if cfg.engine == "transformers":
+        raise TomelabError("--assist needs `engine = \"llama.cpp\"` in the eval config: batched transformers "
+                           "generation cannot share its work item by item.")
+    key, fingerprint = run_key(ref), _model_fingerprint(ref)
+    out_dir = evals_dir() / key
+    engine, answered = None, 0
+    for name in cfg.enabled_sets():
+        if name == "heldout":
+            continue  # NLL and held-out generation stay with the main process
+        loaded = _load_set(name, cfg, None)
+        pool = stable_subset(loaded.items, None)
+        items = pool[: getattr(cfg, name).limit]
+        tag = _set_tag(name, cfg, items, pool, fingerprint)
+        if (out_dir / f"{name}.jsonl").is_file() and read_json(out_dir / "metrics.json").get("sets", {}).get(name, {}).get("config_hash") == tag:
+            continue  # already finished
+        partial = out_dir / f".{name}.partial-{tag}.jsonl"
+        engine = engine or _generation_engine(ref, cfg)
+        done = generate_greedy_engine(engine, [(it.id, it.messages) for it in items], max_new_tokens=getattr(cfg, name).max_new_tokens,
+                                      partial_path=partial, desc=f"{name} assist", reverse=True)
+        answered += sum(it.id in done for it in items)
+    return answered
+
+
+def _generation_engine(ref: str | Path, cfg: EvalConfig) -> Any:
+    """The serving engine that generates answers when the config asks for one (None: transformers)."""
+    if cfg.engine == "transformers":
+        return None
+    from tomelab.inference import load_engine
+
+    return load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or None,
+                       dtype=cfg.dtype, context_length=4096)
 
 
 def _stash_set(out_dir: Path, name: str, cached: dict[str, Any]) -> None:

@@ -95,6 +95,49 @@ def generate_greedy(
     return done
 
 
+def generate_greedy_engine(
+    engine: Any,
+    prompts: list[tuple[str, list[dict[str, str]]]],
+    *,
+    max_new_tokens: int,
+    partial_path: Path | None = None,
+    desc: str = "generate",
+    reverse: bool = False,
+) -> dict[str, str]:
+    """`generate_greedy` through a serving `tomelab.inference.ChatEngine` (e.g. llama.cpp), one prompt
+    at a time, greedy, resumable from `partial_path` like the batched path.
+
+    The partial file is re-read before each prompt, so a second worker walking the prompts from the
+    other end (`reverse=True`, `tomelab eval --assist`) shares the work; appends are whole lines.
+    """
+    from tomelab.inference import GenerationSettings
+
+    done = read_partial(partial_path) if partial_path else {}
+    todo = [(pid, msgs) for pid, msgs in prompts if pid not in done]
+    if not todo:
+        return done
+    settings = GenerationSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, system_prompt="")
+    if partial_path:
+        partial_path.parent.mkdir(parents=True, exist_ok=True)
+    sink = partial_path.open("a", encoding="utf-8") if partial_path else None
+    try:
+        with tqdm(total=len(todo), desc=f"{desc} ({engine.engine_name})", unit="item") as bar:
+            for pid, msgs in (reversed(todo) if reverse else todo):
+                if partial_path:
+                    done.update(read_partial(partial_path))  # another worker may have answered it
+                if pid not in done:
+                    text = engine.generate(msgs, settings).text.strip()
+                    done[pid] = text
+                    if sink:
+                        sink.write(json.dumps({"id": pid, "output": text}, ensure_ascii=False) + "\n")
+                        sink.flush()
+                bar.update(1)
+    finally:
+        if sink:
+            sink.close()
+    return done
+
+
 def assistant_token_mask(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and a 0/1 mask of assistant-content tokens.
 

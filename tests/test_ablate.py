@@ -16,7 +16,7 @@ import pytest
 
 from eval import ablate
 from eval.ablate import BASE_ROW, System, compare, leaderboard_markdown, pick_winner, write_results
-from eval.config import AblationConfig, WinnerRule
+from eval.config import AblationConfig, Arm, WinnerRule
 from eval.evaluate import evals_dir, run_key
 from tomelab import paths
 from tomelab.config import load_config
@@ -104,6 +104,32 @@ def test_leaderboard_csv_plots_and_winner(tmp_home: Path, tmp_path: Path):
     assert "heldout_nll" in win["rule"]
 
 
+def test_curve_plot_places_arms_on_the_swept_training_key(tmp_home: Path, tmp_path: Path, monkeypatch):
+    from training.recipe import TrainConfig
+
+    systems = _make_systems(tmp_home)
+    for s, budget in zip(systems[1:], (1000, 3000, 12000)):
+        s.train_config = TrainConfig(token_budget=budget)
+    cfg = AblationConfig(variants=["random"], train_config="x.toml", eval_config="y.toml", baseline="random",
+                         seeds=SEEDS, results_dir=str(tmp_path / "results"), n_bootstrap=200,
+                         metrics=["heldout_nll", "ifeval_prompt_strict"], curve="token_budget",
+                         arms=[Arm(name) for name in ("random", "better", "same")])
+    seen = {}
+    real_errorbar = __import__("matplotlib.axes", fromlist=["Axes"]).Axes.errorbar
+
+    def spy(ax, x, y, *a, **k):
+        seen["x"] = [float(v) for v in x]  # the last call: the curve plot (bars draw error bars too)
+        return real_errorbar(ax, x, y, *a, **k)
+
+    monkeypatch.setattr("matplotlib.axes.Axes.errorbar", spy)
+    out = write_results(cfg, Path("configs/sweeps/token-budget.toml"), systems, {}, "random")
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen["x"] == [0.0, 1000.0, 3000.0, 12000.0]  # the untouched base model is the 0-token point
+    with pytest.raises(ValueError, match="numeric training key"):
+        AblationConfig(variants=["random"], train_config="x.toml", eval_config="y.toml", baseline="a", seeds=SEEDS,
+                       curve="packing", arms=[Arm("a")])
+
+
 def test_winner_tie_is_broken_by_the_tie_breaker(tmp_home: Path):
     systems = _make_systems(tmp_home)
     rows = compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"], ci=False)
@@ -177,7 +203,7 @@ class _Fakes:
     def load_model(self, ref, dtype):
         return object(), object()
 
-    def evaluate_set(self, name, items, cfg, model, tok, out_dir, tag, pool=None):
+    def evaluate_set(self, name, items, cfg, model, tok, out_dir, tag, pool=None, engine=None):
         self.evaluated.append(f"{out_dir.name}:{name}")
         shift = 0.1 * ("dedup" in str(out_dir))
         return [{"id": f"i{i}", "output": "x", "reference": "y",

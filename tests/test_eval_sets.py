@@ -176,3 +176,67 @@ def test_assistant_nll_matches_the_full_logits_computation(smollm2_dir: Path):
         m = torch.tensor(mask[1:], dtype=torch.bool)
         assert got[cid][1] == int(m.sum()) > 0
         assert got[cid][0] == pytest.approx(float(nll[m].mean()), abs=1e-4)
+
+
+@pytest.mark.e2e
+def test_serving_engine_generation_equals_batched_generation_and_resumes(smollm2_dir: Path, shared_data: Path,
+                                                                          tmp_path: Path):
+    """`engine = "llama.cpp"` generates through the app's ChatEngine: same template, greedy, stop tokens.
+    With the transformers backend behind that ChatEngine the outputs must equal batched `generate_greedy`."""
+    from eval.generate import generate_greedy, generate_greedy_engine
+    from tomelab.inference import load_engine
+
+    items = stable_subset(load_ifeval(shared_data / "ifeval" / "input_data.jsonl").items, 3)
+    prompts = [(it.id, it.messages) for it in items]
+    chat = load_engine("smollm2-135m-instruct", engine="transformers", threads=2)
+    batched = generate_greedy(chat.backend.model, chat.tokenizer, prompts, max_new_tokens=16, batch_size=3)
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({"id": prompts[0][0], "output": "kept from a killed run"}) + "\n")
+    served = generate_greedy_engine(chat, prompts, max_new_tokens=16, partial_path=partial)
+    assert served[prompts[0][0]] == "kept from a killed run"  # resumed, not regenerated
+    assert all(served[pid] == batched[pid] and served[pid] for pid, _ in prompts[1:])
+    assert set(read_partial(partial)) == {pid for pid, _ in prompts}
+
+
+def test_engine_choice_is_part_of_the_config():
+    assert EvalConfig().engine == "transformers"  # the default keeps every cached output's config hash
+    from tomelab.config import from_dict
+    from tomelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine"):
+        from_dict(EvalConfig, {"engine": "vllm"}, file="t.toml")
+    from eval.evaluate import assist_generation
+    from tomelab.errors import TomelabError
+
+    with pytest.raises(TomelabError, match="--assist needs"):
+        assist_generation("smollm2-135m-instruct", EvalConfig())
+
+
+def test_two_engine_workers_share_one_partial_file(tmp_path: Path):
+    """The main worker skips an item the other one (`--assist`, walking backwards) wrote meanwhile."""
+    from types import SimpleNamespace
+
+    from eval.generate import generate_greedy_engine
+
+    partial = tmp_path / "p.jsonl"
+    prompts = [(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(4)]
+    asked: list[str] = []
+
+    class OtherWorkerMeanwhile:
+        engine_name = "fake"
+
+        def generate(self, msgs, settings):
+            asked.append(msgs[-1]["content"])
+            if len(asked) == 1:  # while the main worker answers q0, the assistant finishes q3 and q2
+                with partial.open("a") as f:
+                    f.write(json.dumps({"id": "3", "output": "by assist"}) + "\n")
+                    f.write(json.dumps({"id": "2", "output": "by assist"}) + "\n")
+            return SimpleNamespace(text=f" a{msgs[-1]['content']} ")
+
+    done = generate_greedy_engine(OtherWorkerMeanwhile(), prompts, max_new_tokens=4, partial_path=partial)
+    assert asked == ["q0", "q1"]
+    assert done == {"0": "aq0", "1": "aq1", "2": "by assist", "3": "by assist"}
+    assert read_partial(partial) == done
+    asked.clear()
+    assert generate_greedy_engine(OtherWorkerMeanwhile(), prompts, max_new_tokens=4, partial_path=partial,
+                                  reverse=True) == done and asked == []  # nothing left to do

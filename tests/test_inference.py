@@ -15,13 +15,16 @@ import pytest
 from tomelab.errors import TomelabError
 from tomelab.inference import (
     MATCH_PROMPTS,
+    TIE_NATS,
     ChatEngine,
     GenerationSettings,
     compare_greedy,
     fit_prompt,
+    greedy_ids,
     llama_cpp_available,
     load_engine,
     render_messages,
+    tie_gap,
 )
 
 
@@ -195,6 +198,18 @@ def test_quantised_engine_that_diverges_fails_the_match(engine: ChatEngine) -> N
     shifted = ChatEngine(Shifted(), engine.tokenizer, label="shifted", stop_ids=engine.stop_ids)
     report = compare_greedy(engine, shifted, prompts=MATCH_PROMPTS[:2], n_tokens=8)
     assert not report.passed and report.exact == 0 and 0.3 <= report.mean_prefix < 0.5
+    gaps = [d["first_diff_gap_nats"] for d in report.details]
+    assert min(gaps) > TIE_NATS and not any(d["tie"] for d in report.details)  # the reference clearly prefers its own
+    # the same first differences, were they within the tie tolerance, would count as matched
+    lenient = compare_greedy(engine, shifted, prompts=MATCH_PROMPTS[:2], n_tokens=8, tie_nats=max(gaps) + 1.0)
+    assert lenient.passed and lenient.ties == 2 and lenient.exact == 0 and lenient.mean_prefix == 1.0
+
+
+def test_tie_gap_is_zero_for_the_same_token_and_positive_for_a_worse_one(engine: ChatEngine) -> None:
+    p = MATCH_PROMPTS[0]
+    first = greedy_ids(engine, p, 1)[0]
+    assert tie_gap(engine, p, [], first, first) == 0.0
+    assert tie_gap(engine, p, [], first, (first + 1) % 49152) > 0  # greedy picked the most likely token
 
 
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not built here (see the README section Building llama-cpp-python)")

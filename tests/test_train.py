@@ -79,6 +79,32 @@ def test_bucketing_reduces_padding() -> None:
     assert padding("bucket") * 5 < padding("none")
 
 
+def test_micro_batch_cap_splits_wide_batches_but_keeps_each_steps_rows() -> None:
+    from training.data import cap_micro_batch
+
+    ex = _examples([20 + (i * 7) % 40 for i in range(100)] + [200 + (i * 53) % 300 for i in range(100)])
+    kw = dict(seed=3, batch_size=8, grad_accum=1, token_budget=30_000, epochs_cap=1.0, packing="bucket")
+    plain, capped = plan_batches(ex, **kw), plan_batches(ex, micro_batch_tokens=512, **kw)
+    assert len(plain) == len(capped)
+    for a, b in zip(plain, capped):
+        assert sorted(j for mb in a for j in mb) == sorted(j for mb in b for j in mb)  # same rows, same step
+        for mb in b:
+            assert len(mb) == 1 or len(mb) * max(ex[j].n_tokens for j in mb) <= 512
+    assert sum(len(s) for s in capped) > len(capped)  # some steps were split
+    assert any(len(mb) == 8 for s in capped for mb in s)  # short rows still go through in wide batches
+    lengths = [10, 300, 600, 40]
+    assert cap_micro_batch([0, 1, 2, 3], lengths, 512) == [[2], [1], [3, 0]]  # a row over the cap goes alone
+
+
+def test_new_recipe_knob_at_default_keeps_earlier_config_hashes() -> None:
+    from training.train import _recipe_for_hash
+
+    assert "micro_batch_tokens" not in _recipe_for_hash(TrainConfig())  # runs made before the knob stay valid
+    assert _recipe_for_hash(TrainConfig(micro_batch_tokens=512))["micro_batch_tokens"] == 512
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        TrainConfig(micro_batch_tokens=-1)
+
+
 def test_budget_larger_than_data_names_the_fix() -> None:
     ex = _examples([100] * 10)  # 1,000 tokens per epoch
     with pytest.raises(TomelabError, match=r"Lower token_budget to at most 3,000 or raise epochs_cap to 5\.0"):
@@ -185,6 +211,23 @@ def test_train_run_end_to_end_and_skip(tmp_home: Path, smollm2_dir: Path) -> Non
     assert (rd / "metrics.json").stat().st_mtime_ns == stamp and time.perf_counter() - t0 < 30
     with pytest.raises(TomelabError, match="--force"):
         train_run("tiny", BASE, 0, replace(cfg, learning_rate=5e-4))
+
+
+@pytest.mark.e2e
+def test_capped_micro_batches_train_the_same_model(tmp_home: Path, smollm2_dir: Path) -> None:
+    """Splitting a step into more micro-batches changes only the summation order (no dropout here)."""
+    from training.fixtures import alpaca_variant
+    from training.train import train_run
+
+    alpaca_variant("tiny", 12, n_val=4)
+    cfg = tiny_config(lora_dropout=0.0, batch_size=4, micro_batch_tokens=0)
+    whole = _curve(train_run("tiny", BASE, 0, cfg))
+    split = _curve(train_run("tiny", BASE, 0, replace(cfg, micro_batch_tokens=96), force=True))  # a row per micro-batch
+    assert len(whole) == len(split) >= 3
+    for a, b in zip(whole, split):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):  # train loss, validation loss (None where the record has none)
+            assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, abs=1e-4))
 
 
 @pytest.mark.slow  # five tiny runs: minutes on a shared 2-core machine

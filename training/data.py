@@ -166,11 +166,13 @@ def tokenize_rows(tok: Any, rows: list[tuple[str, list[dict[str, str]]]], max_le
 
 
 def plan_batches(examples: list[Example], *, seed: int, batch_size: int, grad_accum: int, token_budget: int,
-                 epochs_cap: float, packing: str, source: str = "the variant") -> list[list[list[int]]]:
+                 epochs_cap: float, packing: str, source: str = "the variant",
+                 micro_batch_tokens: int = 0) -> list[list[list[int]]]:
     """Optimiser steps, each a list of micro-batches of example indices, until `token_budget` tokens.
 
     Each epoch is a fresh seeded shuffle; with packing="bucket", rows are sorted by length within
     windows of 50 micro-batches so a micro-batch pads little, and the micro-batches are shuffled again.
+    `micro_batch_tokens` > 0 then splits any micro-batch over that padded size (see `cap_micro_batch`).
     """
     if not examples:
         raise TomelabError(f"{source} has no usable training rows.")
@@ -214,7 +216,26 @@ def plan_batches(examples: list[Example], *, seed: int, batch_size: int, grad_ac
         epoch += 1
     if current:
         steps.append(current)
+    if micro_batch_tokens:
+        lengths_list = lengths.tolist()
+        steps = [[part for mb in step for part in cap_micro_batch(mb, lengths_list, micro_batch_tokens)] for step in steps]
     return steps
+
+
+def cap_micro_batch(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split one micro-batch so that rows x longest row <= `max_tokens` in each part (one row at least).
+
+    Activation memory grows with the padded size of the largest micro-batch, so a cap in tokens bounds
+    the peak while short rows still go through in wide batches. The optimiser step keeps the same rows
+    and the same loss normalisation: only the memory peak and the summation order change.
+    """
+    parts: list[list[int]] = []
+    for r in sorted(rows, key=lambda i: -lengths[i]):
+        if parts and (len(parts[-1]) + 1) * lengths[parts[-1][0]] <= max_tokens:
+            parts[-1].append(r)
+        else:
+            parts.append([r])
+    return parts
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:

@@ -37,6 +37,9 @@ class TrainConfig:
     packing: Literal["bucket", "none"] = "bucket"  # bucket: batches of similar length, near padding-free
     batch_size: int = 8
     grad_accum: int = 1
+    # split a micro-batch whose padded size (rows x longest row) exceeds this many tokens (0: never).
+    # Bounds peak memory (activations grow with it) without changing the rows of an optimiser step.
+    micro_batch_tokens: int = 0
     # validation, checkpoints, early stopping
     eval_every: int = 50  # optimiser steps between validation-loss evaluations (0: only at the end)
     save_every: int = 25  # optimiser steps between resumable checkpoints (0: never)
@@ -64,8 +67,8 @@ class TrainConfig:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}")
-        if self.eval_every < 0 or self.save_every < 0 or self.threads < 0:
-            raise ValueError("`eval_every`, `save_every` and `threads` must be >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.threads < 0 or self.micro_batch_tokens < 0:
+            raise ValueError("`eval_every`, `save_every`, `threads` and `micro_batch_tokens` must be >= 0")
         if not self.target_modules:
             raise ValueError("`target_modules` must name at least one module (or \"all-linear\")")
 

@@ -190,6 +190,16 @@ def _load_model(base: str, quant: str, dtype: str, device: str) -> Any:
     return load_model(base, dtype=dtype, device=device)
 
 
+# knobs added after runs were made: left out of the recorded recipe while at their default, so the
+# config hash of those runs (and their reuse by ablations and sweeps) is unchanged
+_OMIT_AT_DEFAULT = {"micro_batch_tokens": 0}
+
+
+def _recipe_for_hash(cfg: TrainConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    return {k: v for k, v in d.items() if not (k in _OMIT_AT_DEFAULT and v == _OMIT_AT_DEFAULT[k])}
+
+
 def _resolved_config(variant: str, base: str, seed: int, cfg: TrainConfig, train_path: Path, val_path: Path,
                      device: str, quant: str, dtype: str) -> dict[str, Any]:
     import peft
@@ -203,7 +213,7 @@ def _resolved_config(variant: str, base: str, seed: int, cfg: TrainConfig, train
         "base_key": base_key(base),
         "base_dir": str(resolve_model(base)),
         "seed": seed,
-        "recipe": to_dict(cfg),
+        "recipe": _recipe_for_hash(cfg),
         "data": {
             "train": str(train_path),
             "val": str(val_path),
@@ -272,7 +282,7 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         raise TomelabError(f"{val_path}: no validation row has an answer token within max_length={cfg.max_length}.")
     steps = plan_batches(train_ex, seed=seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          token_budget=cfg.token_budget, epochs_cap=cfg.epochs_cap, packing=cfg.packing,
-                         source=f"variant {variant!r} ({train_path})")
+                         source=f"variant {variant!r} ({train_path})", micro_batch_tokens=cfg.micro_batch_tokens)
     total_steps = len(steps)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     log.info("run %s: %d rows, %d optimiser steps, budget %d tokens, %s/%s on %s",
