@@ -246,6 +246,8 @@ def plot_curve(path: Path, rows: list[MetricRow], systems: list[System], metrics
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
         if min(x) >= 0 and max(x) > 10 * max(min((v for v in x if v > 0), default=1), 1):
             ax.set_xscale("symlog", linthresh=max(min((v for v in x if v > 0), default=1), 1))
+        ax.set_xticks(sorted(set(x)), [f"{v:g}" for v in sorted(set(x))], fontsize=7, rotation=45)
+        ax.minorticks_off()
         ax.set_xlabel(key, fontsize=8)
         ax.set_title(m + (" (lower better)" if not METRICS[m][3] else ""), fontsize=9)
     fig.tight_layout()

@@ -280,7 +280,9 @@ def assist_generation(ref: str | Path, cfg: EvalConfig) -> int:
         pool = stable_subset(loaded.items, None)
         items = pool[: getattr(cfg, name).limit]
         tag = _set_tag(name, cfg, items, pool, fingerprint)
-        if (out_dir / f"{name}.jsonl").is_file() and read_json(out_dir / "metrics.json").get("sets", {}).get(name, {}).get("config_hash") == tag:
+        metrics = out_dir / "metrics.json"
+        finished = read_json(metrics).get("sets", {}).get(name, {}) if metrics.is_file() else {}
+        if finished.get("config_hash") == tag and (out_dir / f"{name}.jsonl").is_file():
             continue  # already finished
         partial = out_dir / f".{name}.partial-{tag}.jsonl"
         engine = engine or _generation_engine(ref, cfg)
