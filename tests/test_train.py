@@ -186,6 +186,7 @@ def test_train_run_end_to_end_and_skip(tmp_home: Path, smollm2_dir: Path) -> Non
     m = json.loads((rd / "metrics.json").read_text())
     assert m["tokens_seen"] >= cfg.token_budget and m["steps"] == m["planned_steps"] >= 3
     assert m["tok_s"] > 0 and m["peak_rss_mb"] > 0 and m["wall_seconds"] >= m["train_seconds"]
+    assert m["warmup_steps"] == 0  # tiny_config trains without warm-up
     resolved = json.loads((rd / "config.json").read_text())
     assert resolved["recipe"]["token_budget"] == cfg.token_budget and resolved["seed"] == 0
 
@@ -211,6 +212,27 @@ def test_train_run_end_to_end_and_skip(tmp_home: Path, smollm2_dir: Path) -> Non
     assert (rd / "metrics.json").stat().st_mtime_ns == stamp and time.perf_counter() - t0 < 30
     with pytest.raises(TomelabError, match="--force"):
         train_run("tiny", BASE, 0, replace(cfg, learning_rate=5e-4))
+
+
+@pytest.mark.e2e
+def test_warmup_over_every_step_is_flagged_and_trains_nothing(tmp_home: Path, smollm2_dir: Path, caplog) -> None:
+    """Linear warm-up starts at lr 0, so a run whose steps are all warm-up leaves LoRA B at its zero init.
+
+    The token-budget sweep's 1k arm hit this silently (one step, 5% warm-up rounded up to one step)."""
+    from safetensors.torch import load_file
+
+    from training.fixtures import alpaca_variant
+    from training.train import train_run
+
+    alpaca_variant("tiny", 12, n_val=4)
+    cfg = tiny_config(token_budget=100, warmup_ratio=0.05)
+    with caplog.at_level("WARNING", logger="training.train"):
+        rd = train_run("tiny", BASE, 0, cfg)
+    m = json.loads((rd / "metrics.json").read_text())
+    assert m["planned_steps"] == m["warmup_steps"] == 1
+    assert any("warm-up covers all 1 optimiser step" in r.getMessage() for r in caplog.records)
+    lora_b = [t for n, t in load_file(str(rd / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in n]
+    assert lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b)
 
 
 @pytest.mark.e2e

@@ -285,8 +285,15 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
                          source=f"variant {variant!r} ({train_path})", micro_batch_tokens=cfg.micro_batch_tokens)
     total_steps = len(steps)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    log.info("run %s: %d rows, %d optimiser steps, budget %d tokens, %s/%s on %s",
-             run_dir, len(train_ex), total_steps, cfg.token_budget, quant, dtype, device)
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    log.info("run %s: %d rows, %d optimiser steps (%d warm-up), budget %d tokens, %s/%s on %s",
+             run_dir, len(train_ex), total_steps, warmup_steps, cfg.token_budget, quant, dtype, device)
+    if warmup_steps >= total_steps:
+        # linear warm-up starts at lr 0, so a one-step run never leaves its initialisation
+        effect = ("its only step runs at lr 0, so the adapter stays at its initialisation" if total_steps == 1
+                  else "the learning rate never reaches its peak")
+        log.warning("run %s: warm-up covers all %d optimiser step(s): %s; raise token_budget or lower "
+                    "warmup_ratio", run_dir, total_steps, effect)
 
     # model: seed first so the LoRA init is a function of the seed
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -303,7 +310,7 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
     loss_fn = AssistantLoss(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=warmup_steps,
                           num_training_steps=total_steps)
     use_autocast = dtype in ("bfloat16", "nf4")  # compute in bf16 only where the weights are bf16/nf4
 
@@ -405,6 +412,7 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         "seed": seed,
         "steps": state["step"],
         "planned_steps": total_steps,
+        "warmup_steps": warmup_steps,
         "stopped_early": state["stopped_early"],
         "tokens_seen": state["tokens"],
         "loss_tokens_seen": state["loss_tokens"],
