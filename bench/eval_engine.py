@@ -1,14 +1,20 @@
-"""Evaluation generation: transformers batched `generate` vs the llama.cpp serving engine, same prompts.
+"""Evaluation generation: transformers batched `generate` vs llama.cpp (xllamacpp) parallel slots, same prompts.
 
-    .venv/bin/python bench/eval_engine.py                          # 24 IFEval prompts, 256 new tokens
-    .venv/bin/python bench/eval_engine.py --limit 32 --max-new-tokens 96 --threads 1
+    .venv/bin/python bench/eval_engine.py                                  # 24 IFEval prompts, 192 new tokens
+    .venv/bin/python bench/eval_engine.py --limit 48 --max-new-tokens 256 --slots 8 --threads 1
 
 Both sides answer the same IFEval prompts (the eval's own item order, `stable_subset`) greedily with the
-same chat template, through the eval's own functions: `eval.generate.generate_greedy` (transformers,
-left-padded batches sorted by length, KV cache) and `eval.generate.generate_greedy_engine` (llama.cpp on
-a GGUF of the same weights, one prompt at a time). Printed: generated tokens per second of wall time
-for each (ratio against transformers), how many outputs are identical, and the IFEval scores from
-each side's outputs, so a faster engine that changes the numbers is visible.
+same chat template, through the eval's own functions: `eval.generate.generate_greedy` (transformers fp32,
+left-padded batches sorted by length, KV cache) and `eval.generate.generate_greedy_engine` (llama.cpp on an
+f16 GGUF of the same weights, `--slots` prompts decoded together by continuous batching, stop at end of
+turn). Printed, all measured in this run:
+
+* generated tokens per wall second of each side and their ratio (the speed-up of evaluation);
+* the greedy-match rate (identical answers) and the mean common-prefix fraction;
+* IFEval prompt-/instruction-strict of each side and the paired difference (fast - transformers) with a
+  95% bootstrap CI (`eval.stats.paired_bootstrap_diff`, items paired) and its MDE (2.8 x SE): the fast
+  engine "does not change conclusions" when the CI contains 0;
+* the projected time of a full IFEval (540 prompts, 512 new tokens) from each side's measured tok/s.
 """
 
 from __future__ import annotations
@@ -23,73 +29,109 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+FULL_PROMPTS, FULL_NEW_TOKENS = 540, 512
 
 
-def _n_tokens(tok, outputs: dict[str, str]) -> int:
-    return sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs.values())
+def _n_tokens(tok, outputs: dict[str, str]) -> dict[str, int]:
+    return {k: len(tok(o, add_special_tokens=False)["input_ids"]) for k, o in outputs.items()}
 
 
-def _scores(items, outputs: dict[str, str]) -> dict[str, float]:
-    from eval.sets import score_ifeval
-
-    s = [score_ifeval(it, outputs[it.id]) for it in items]
-    n_inst = sum(x["n_inst"] for x in s)
-    return {"prompt_strict": 100 * sum(x["prompt_strict"] for x in s) / len(s),
-            "inst_strict": 100 * sum(x["inst_strict"] * x["n_inst"] for x in s) / n_inst}
+def _prefix(a: str, b: str) -> float:
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n / max(1, len(a), len(b))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="base name, run dir or merged export")
     ap.add_argument("--limit", type=int, default=24, help="IFEval prompts (the eval's item order)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=16, help="transformers side")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--gguf-type", default="f16")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="threads of each side (run one side at a time)")
+    ap.add_argument("--slots", type=int, default=8, help="llama.cpp parallel sequences")
+    ap.add_argument("--gguf-type", nargs="+", default=["f16", "q8_0"], help="GGUF types served by llama.cpp")
+    ap.add_argument("--json", default="artifacts/bench/eval_engine.json")
     args = ap.parse_args()
 
+    import numpy as np
     import torch
 
     from eval.generate import generate_greedy, generate_greedy_engine
-    from eval.sets import load_ifeval, stable_subset
-    from tomelab.inference import load_engine
-    from training.load import load_for_inference
+    from eval.sets import load_ifeval, score_ifeval, stable_subset
+    from eval.stats import paired_bootstrap_diff
+    from tomelab.inference import load_engine, load_for_inference
 
     torch.set_num_threads(args.threads)
     items = stable_subset(load_ifeval().items, None)[: args.limit]
     prompts = [(it.id, it.messages) for it in items]
     model, tok = load_for_inference(args.model, dtype="float32")
-    engine = load_engine(args.model, engine="llama.cpp", gguf_type=args.gguf_type, threads=args.threads,
-                         context_length=4096)
-
+    runs = {"transformers fp32": lambda ps: generate_greedy(model, tok, ps, max_new_tokens=args.max_new_tokens,
+                                                            batch_size=args.batch_size, desc="transformers")}
+    for gt in args.gguf_type:
+        eng = load_engine(args.model, engine="llama.cpp", gguf_type=gt, threads=args.threads, context_length=4096,
+                          slots=args.slots, guard=False)
+        runs[f"llama.cpp {gt} x{args.slots} slots"] = (lambda e: lambda ps: generate_greedy_engine(
+            e, ps, max_new_tokens=args.max_new_tokens, desc=f"llama.cpp"))(eng)
+    # sides take turns chunk by chunk, so load from other processes on the shared CPU hits them alike
+    chunk = max(args.batch_size, args.slots)
+    acc = {name: {"outputs": {}, "seconds": 0.0} for name in runs}
+    for i in range(0, len(prompts), chunk):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            acc[name]["outputs"].update(fn(prompts[i : i + chunk]))
+            acc[name]["seconds"] += time.perf_counter() - t0
     results = {}
-    for name, fn in (("transformers", lambda: generate_greedy(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                                             batch_size=args.batch_size, desc="transformers")),
-                     (f"llama.cpp {args.gguf_type}", lambda: generate_greedy_engine(engine, prompts,
-                                                                                   max_new_tokens=args.max_new_tokens,
-                                                                                   desc="llama.cpp"))):
-        t0 = time.perf_counter()
-        outs = fn()
-        sec = time.perf_counter() - t0
+    for name, a in acc.items():
+        outs, sec = a["outputs"], a["seconds"]
         n = _n_tokens(tok, outs)
-        results[name] = {"outputs": outs, "seconds": round(sec, 1), "tokens": n, "tok_s": round(n / sec, 1),
-                         **{k: round(v, 1) for k, v in _scores(items, outs).items()}}
+        scores = [score_ifeval(it, outs[it.id]) for it in items]
+        results[name] = {"outputs": outs, "seconds": round(sec, 1), "tokens": sum(n.values()),
+                         "tok_s": round(sum(n.values()) / sec, 1), "scores": scores,
+                         "prompt_strict": 100 * float(np.mean([s["prompt_strict"] for s in scores])),
+                         "inst_strict": 100 * sum(s["inst_strict"] * s["n_inst"] for s in scores) / sum(s["n_inst"] for s in scores)}
+    ref = results["transformers fp32"]
+    compare = {}
+    for name, fast in results.items():
+        if name == "transformers fp32":
+            continue
+        same = sum(ref["outputs"][i] == fast["outputs"][i] for i, _ in prompts)
+        prefix = float(np.mean([_prefix(ref["outputs"][i], fast["outputs"][i]) for i, _ in prompts]))
+        diffs = {}
+        for metric, weights in (("prompt_strict", None), ("inst_strict", [s["n_inst"] for s in ref["scores"]])):
+            a = [100 * float(s[metric]) for s in fast["scores"]]
+            b = [100 * float(s[metric]) for s in ref["scores"]]
+            ci = paired_bootstrap_diff(a, b, weights, min_seeds_a=1, min_seeds_b=1, names=("fast", "transformers"))
+            diffs[metric] = {**ci.to_dict(), "mde": 2.8 * (ci.hi - ci.lo) / 3.92, "agree": ci.lo <= 0 <= ci.hi}
+        compare[name] = {"identical": same, "mean_prefix": prefix, "diffs": diffs}
 
-    ref, fast = results["transformers"], results[f"llama.cpp {args.gguf_type}"]
-    same = sum(ref["outputs"][i] == fast["outputs"][i] for i, _ in prompts)
     print(f"\n{args.model}: {len(items)} IFEval prompts, greedy, max {args.max_new_tokens} new tokens, "
-          f"{args.threads} thread(s), transformers batch {args.batch_size}")
-    print("| engine | generated tokens | seconds | tok/s | vs transformers | IFEval prompt-strict | inst-strict |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.threads} thread(s) per side, transformers batch {args.batch_size}, llama.cpp {args.slots} slots")
+    print("| engine | generated tokens | seconds | tok/s | vs transformers | projected full IFEval (min) | prompt-strict | inst-strict |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        mean_len = r["tokens"] / len(items)
+        proj = FULL_PROMPTS * min(FULL_NEW_TOKENS, mean_len * FULL_NEW_TOKENS / args.max_new_tokens) / r["tok_s"] / 60
+        r["projected_full_ifeval_min"] = round(proj, 1)
         print(f"| {name} | {r['tokens']} | {r['seconds']} | {r['tok_s']} | {r['tok_s'] / ref['tok_s']:.2f}x | "
-              f"{r['prompt_strict']} | {r['inst_strict']} |")
-    print(f"identical outputs: {same}/{len(items)}")
+              f"{proj:.1f} | {r['prompt_strict']:.1f} | {r['inst_strict']:.1f} |")
+    for name, c in compare.items():
+        fast = results[name]
+        print(f"\n{name}: speed ratio vs transformers (same run, interleaved) {fast['tok_s'] / ref['tok_s']:.2f}x tok/s, "
+              f"{ref['seconds'] / fast['seconds']:.2f}x wall time")
+        print(f"  greedy match: {c['identical']}/{len(items)} identical answers ({100 * c['identical'] / len(items):.0f}%), "
+              f"mean common prefix {c['mean_prefix']:.2f}")
+        for metric, d in c["diffs"].items():
+            print(f"  paired diff {metric} (fast - transformers): {d['estimate']:+.1f} points, 95% CI [{d['lo']:+.1f}, "
+                  f"{d['hi']:+.1f}], MDE {d['mde']:.1f} -> {'agree (CI contains 0)' if d['agree'] else 'DIFFER'}")
+    print("projection: full IFEval = 540 prompts x (mean answer length scaled to 512 new tokens, capped) / tok/s; "
+          "an upper bound, since answers that stop early do not grow")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "identical": same, "n": len(items),
-                                               "results": results}, indent=1), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "n": len(items), "compare": compare,
+                                               "results": {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
+                                                           for k, v in results.items()}}, indent=1), encoding="utf-8")
     return 0
 
 

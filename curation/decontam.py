@@ -13,12 +13,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from curation.frame import StageResult, split_result
 from curation.recipe import DecontamConfig, resolve_data_path
+from curation.stage import Need, Stage, sum_extra
 from tomelab.errors import DataError
 from tomelab.stats import Timer
 
@@ -122,15 +124,37 @@ def _ngram_text(text: str, offset: int, n: int) -> str:
     return " ".join(words[offset:offset + n])
 
 
+@dataclass
+class TestIndex:
+    """What decontamination compares rows with, built once per process: test n-gram hashes (and their
+    owning test set) and, with an embedder, the test prompts' vectors."""
+
+    items: list[TestItem]
+    hashes: np.ndarray
+    owner: dict[int, str]
+    prompts: list[TestItem]
+    vecs: np.ndarray | None
+
+
+def build_index(cfg: DecontamConfig, items: list[TestItem], embedder=None) -> TestIndex:
+    t_rows, t_hash, _ = ngram_hashes([it.text for it in items], cfg.ngram)
+    owner: dict[int, str] = {}
+    for r, h in zip(t_rows.tolist(), t_hash.tolist()):
+        owner.setdefault(h, items[r].test_set)
+    prompts = [it for it in items if not it.key.endswith(":answer")]  # answers: n-grams only
+    vecs = None
+    if embedder is not None and cfg.embed_threshold < 1 and items:
+        vecs = embedder.encode(["t:" + hashlib.sha256(it.text.encode()).hexdigest()[:16] for it in prompts],
+                               [it.text for it in prompts])
+    return TestIndex(items, np.unique(t_hash), owner, prompts, vecs)
+
+
 def decontaminate(df: pl.DataFrame, cfg: DecontamConfig, items: list[TestItem], embedder=None,
-                  *, progress: bool = False) -> StageResult:
+                  *, progress: bool = False, index: TestIndex | None = None) -> StageResult:
     """Drop rows overlapping any test item; the stats' `extra.by_test_set` counts rows per test set."""
     with Timer() as t:
-        t_rows, t_hash, _ = ngram_hashes([it.text for it in items], cfg.ngram)
-        owner: dict[int, str] = {}
-        for r, h in zip(t_rows.tolist(), t_hash.tolist()):
-            owner.setdefault(h, items[r].test_set)
-        test_hashes = np.unique(t_hash)
+        index = index or build_index(cfg, items, embedder if len(df) else None)
+        items, owner, test_hashes = index.items, index.owner, index.hashes
         reason: list[str | None] = [None] * len(df)
         detail = [""] * len(df)
         texts = df["conversation"].to_list()
@@ -152,12 +176,10 @@ def decontaminate(df: pl.DataFrame, cfg: DecontamConfig, items: list[TestItem], 
                 reason[i] = f"contaminated:{name}"
                 detail[i] = f"shares the {cfg.ngram}-gram {_ngram_text(texts[i], o, cfg.ngram)!r} with {name}"
         n_embed = 0
-        if embedder is not None and cfg.embed_threshold < 1 and len(df) and items:
+        if embedder is not None and cfg.embed_threshold < 1 and len(df) and items and index.vecs is not None:
             import faiss
 
-            prompts = [it for it in items if not it.key.endswith(":answer")]  # answers: n-grams only
-            tvecs = embedder.encode(["t:" + hashlib.sha256(it.text.encode()).hexdigest()[:16] for it in prompts],
-                                    [it.text for it in prompts])
+            prompts, tvecs = index.prompts, index.vecs
             qvecs = embedder.encode([f"{i}:prompt" for i in df["id"].to_list()], df["prompt"].to_list(),
                                     progress=progress)
             index_f = faiss.IndexFlatIP(tvecs.shape[1])
@@ -178,3 +200,32 @@ def decontaminate(df: pl.DataFrame, cfg: DecontamConfig, items: list[TestItem], 
              "test_items": len(items), "by_test_set": {s: by_set.get(s, 0) for s in test_sets},
              "by_embedding": n_embed}
     return split_result(df, "decontam", reason, detail, t.seconds, extra=extra)
+
+
+class DecontamStage(Stage):
+    """Row-local: each row is compared with the test sets alone. `setup` loads the test sets and
+    builds their index once per process; `key` adds the held-out split and the test files' stamps."""
+
+    name = "decontam"
+    kind = "row"
+    fix = "Raise [decontam] embed_threshold or ngram."
+
+    def __init__(self, cfg: DecontamConfig, heldout_test: Path | None) -> None:
+        super().__init__(cfg)
+        self.heldout_test = heldout_test
+
+    def key(self) -> Any:
+        return (self.cfg, self.heldout_test.parent.name if self.heldout_test else None, test_set_stamps(self.cfg))
+
+    def needs(self) -> dict[str, Need]:
+        return {"embedder": Need("embedder", self.cfg.model)} if self.cfg.embed_threshold < 1 else {}
+
+    def setup(self, embedder=None, **_: Any) -> None:
+        self.embedder = embedder
+        self.index = build_index(self.cfg, collect_test_items(self.cfg, self.heldout_test), embedder)
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        return decontaminate(frame, self.cfg, self.index.items, self.embedder, index=self.index)
+
+    def merge_extra(self, extras: list[dict[str, Any]]) -> dict[str, Any]:
+        return sum_extra(extras, "by_test_set.*", "by_embedding")

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from curation.frame import StageResult, split_result
+from curation.stage import MAP_PREFIX, Need, Stage
 from curation.recipe import ExactDedupConfig, MinHashConfig, SemanticDedupConfig
 from tomelab.stats import Timer
 
@@ -183,3 +184,134 @@ def semantic_dedup(df: pl.DataFrame, cfg: SemanticDedupConfig, embedder, *, prog
              "embed_seconds": round(t_emb.seconds, 3), "knn_seconds": round(t_knn.seconds, 3)}
     return split_result(df, "semantic_dedup", reason, detail, t_all.seconds, extra=extra,
                         artefacts={"semantic_pairs": _pairs_frame(df, pairs)})
+
+
+# ---------------------------------------------------------------- stage contract (curation.stage)
+
+class ExactDedupStage(Stage):
+    name = "exact_dedup"
+    kind = "global"
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        return exact_dedup(frame, self.cfg)
+
+
+class MinHashStage(Stage):
+    """Near-dup MinHash. In one process `run` is the rensa LSH loop above; spread out it is
+    map (signatures) -> shuffle by band key -> reduce (candidate pairs per bucket) -> `finish`
+    (the same greedy best-first rule over those pairs, on the driver)."""
+
+    name = "minhash_dedup"
+    kind = "map_reduce"
+    fix = "Raise [minhash] threshold."
+    SIG = MAP_PREFIX + "sig"
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        return minhash_dedup(frame, self.cfg)
+
+    def map(self, batch: pl.DataFrame) -> pl.DataFrame:
+        from rensa import RMinHash
+
+        cfg = self.cfg
+        texts = batch["conversation"].str.slice(0, cfg.max_chars).to_list()
+        hashes = RMinHash.from_token_sets((shingles(t, cfg.ngram) for t in texts), cfg.num_perm, cfg.seed)
+        return pl.DataFrame({"_row": batch["_row"], self.SIG: [h.digest() for h in hashes]},
+                            schema={"_row": pl.Int64, self.SIG: pl.List(pl.UInt64)})
+
+    def keys(self, mapped: pl.DataFrame) -> pl.DataFrame:
+        """One (band, band values) key per row and band: rows sharing a key are LSH candidates."""
+        b = _bands(self.cfg.num_perm, self.cfg.threshold)
+        r = self.cfg.num_perm // b
+        sig = np.asarray(mapped[self.SIG].to_list(), dtype=np.uint64).reshape(len(mapped), self.cfg.num_perm)
+        rows = mapped["_row"].to_list()
+        keys, out_rows = [], []
+        for k in range(b):
+            band = np.ascontiguousarray(sig[:, k * r:(k + 1) * r])
+            keys += [f"{k}:{band[i].tobytes().hex()}" for i in range(len(rows))]
+            out_rows += rows
+        return pl.DataFrame({"key": keys, "_row": out_rows}, schema={"key": pl.String, "_row": pl.Int64})
+
+    def reduce(self, group: pl.DataFrame) -> pl.DataFrame:
+        rows = sorted(set(group["_row"].to_list()))
+        a = [x for i, x in enumerate(rows) for _ in rows[i + 1:]]
+        b = [y for i in range(len(rows)) for y in rows[i + 1:]]
+        return pl.DataFrame({"a": a, "b": b}, schema={"a": pl.Int64, "b": pl.Int64})
+
+    def finish(self, frame: pl.DataFrame, reduced: pl.DataFrame) -> StageResult:
+        cfg = self.cfg
+        with Timer() as t:
+            order = best_first(frame)
+            pos_of = {int(r): p for p, r in enumerate(frame["_row"].to_list())}
+            sig = np.asarray(frame[self.SIG].to_list(), dtype=np.uint64).reshape(len(frame), cfg.num_perm)
+            pairs_ab = reduced.unique().to_numpy() if len(reduced) else np.zeros((0, 2), dtype=np.int64)
+            nbrs: dict[int, list[tuple[int, float]]] = {}
+            for ra, rb in pairs_ab.tolist():
+                i, j = pos_of[ra], pos_of[rb]
+                s = float((sig[i] == sig[j]).sum()) / cfg.num_perm
+                if s >= cfg.threshold:
+                    nbrs.setdefault(i, []).append((j, s))
+                    nbrs.setdefault(j, []).append((i, s))
+            rank = np.empty(len(frame), dtype=np.int64)
+            rank[order] = np.arange(len(frame))
+            kept = np.zeros(len(frame), dtype=bool)
+            ids = frame["id"].to_list()
+            reason: list[str | None] = [None] * len(frame)
+            detail = [""] * len(frame)
+            pairs = []
+            for i in order.tolist():
+                best_j, best_s = -1, 0.0
+                for j, s in sorted(nbrs.get(i, []), key=lambda js: rank[js[0]]):  # ties: the better row
+                    if kept[j] and s > best_s:
+                        best_j, best_s = j, s
+                if best_j >= 0:
+                    reason[i], detail[i] = "near_duplicate", f"MinHash Jaccard {best_s:.2f} with {ids[best_j]}"
+                    pairs.append((i, best_j, round(best_s, 4)))
+                else:
+                    kept[i] = True
+        plain = frame.drop(self.SIG)
+        return split_result(plain, "minhash_dedup", reason, detail, t.seconds,
+                            extra={"num_perm": cfg.num_perm, "threshold": cfg.threshold, "ngram": cfg.ngram},
+                            artefacts={"minhash_pairs": _pairs_frame(plain, pairs)})
+
+
+class _Precomputed:
+    """Vectors a map step already computed, behind the embedder interface semantic_dedup expects."""
+
+    def __init__(self, name: str, vecs: np.ndarray) -> None:
+        self.name, self._vecs = name, vecs
+
+    def encode(self, ids: list[str], texts: list[str], **_: object) -> np.ndarray:
+        return self._vecs
+
+
+class SemanticDedupStage(Stage):
+    """Global (kNN over every row), with a row-local map: the embeddings."""
+
+    name = "semantic_dedup"
+    kind = "global"
+    fix = "Raise [semantic_dedup] threshold."
+    EMB = MAP_PREFIX + "emb"
+
+    def needs(self) -> dict[str, Need]:
+        return {"embedder": Need("embedder", self.cfg.model)}
+
+    def setup(self, embedder=None, **_: object) -> None:
+        self.embedder = embedder
+
+    def map(self, batch: pl.DataFrame) -> pl.DataFrame:
+        col = "conversation" if self.cfg.text == "conversation" else "prompt"
+        ids = batch["id"].to_list()
+        keys = ids if col == "conversation" else [f"{i}:prompt" for i in ids]
+        vecs = self.embedder.encode(keys, batch[col].to_list())
+        return pl.DataFrame({"_row": batch["_row"], self.EMB: vecs.astype(np.float32).tolist()},
+                            schema={"_row": pl.Int64, self.EMB: pl.List(pl.Float32)})
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        if self.EMB not in frame.columns:
+            return semantic_dedup(frame, self.cfg, self.embedder)
+        dim = len(frame[self.EMB][0]) if len(frame) else 1
+        vecs = np.asarray(frame[self.EMB].to_list(), dtype=np.float32).reshape(len(frame), dim)
+        from curation.embed import Embedder
+
+        name = self.cfg.model if self.cfg.model in ("m2v", "minilm") else Embedder(self.cfg.model).name
+        return semantic_dedup(frame.drop(self.EMB), self.cfg, _Precomputed(name, vecs))

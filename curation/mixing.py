@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from curation.frame import StageResult, split_result
+from curation.stage import Stage
 from curation.recipe import Recipe
 from tomelab.stats import Timer
 
@@ -198,3 +199,112 @@ def _largest_remainder(raw: dict[str, float], total: int) -> dict[str, int]:
     for s in sorted(raw, key=lambda s: raw[s] - out[s], reverse=True)[: total - sum(out.values())]:
         out[s] += 1
     return out
+
+
+def draw_block(df: pl.DataFrame, rows: int, seed: int) -> StageResult:
+    """A block's own sample of the raw pool: `rows` rows per source, drawn with `seed`.
+
+    Every variant of one ablation block is curated from the same draw, so a block's variants differ only
+    in curation, and the block-to-block spread measures which rows the pool happened to offer."""
+    with Timer() as t:
+        rng = np.random.default_rng(seed)
+        reason: list[str | None] = [None] * len(df)
+        detail = [""] * len(df)
+        src = df["source"].to_list()
+        for s in sorted(set(src)):
+            pos = [i for i, x in enumerate(src) if x == s]
+            keep = set(rng.choice(len(pos), size=min(rows, len(pos)), replace=False).tolist())
+            for k, i in enumerate(pos):
+                if k not in keep:
+                    reason[i], detail[i] = "not_drawn", f"block draw (seed {seed}): {min(rows, len(pos))} of {len(pos)} {s} rows"
+    return split_result(df, "draw", reason, detail, t.seconds, extra={"rows": rows, "seed": seed})
+
+
+def select_longest(df: pl.DataFrame, targets: dict[str, int], fit_tokens: int) -> StageResult:
+    """Per source, the `targets[source]` rows with the longest answers among rows that fit `fit_tokens`
+    ("Long Is More for Alignment", Zhao et al. 2024); ties broken by id so the choice is deterministic."""
+    with Timer() as t:
+        tokens = row_tokens(df).to_list()
+        resp = df["response_tokens"].to_list()
+        ids, src = df["id"].to_list(), df["source"].to_list()
+        reason: list[str | None] = [None] * len(df)
+        detail = [""] * len(df)
+        for s in sorted(set(src)):
+            pos = [i for i, x in enumerate(src) if x == s]
+            fits = [i for i in pos if not fit_tokens or tokens[i] <= fit_tokens]
+            ranked = sorted(fits, key=lambda i: (-resp[i], ids[i]))
+            keep = set(ranked[: targets.get(s, 0)])
+            floor = min((resp[i] for i in keep), default=0)
+            for i in pos:
+                if i in keep:
+                    continue
+                if fit_tokens and tokens[i] > fit_tokens:
+                    reason[i], detail[i] = "too_long_to_fit", f"{tokens[i]} > fit_tokens {fit_tokens}"
+                else:
+                    reason[i], detail[i] = "shorter_answer", f"answer ~{resp[i]} tokens < kept minimum {floor}"
+    return split_result(df, "longest", reason, detail, t.seconds, extra={"targets": targets, "fit_tokens": fit_tokens})
+
+
+# ---------------------------------------------------------------- stage contract (curation.stage)
+
+@dataclass(frozen=True)
+class DrawConfig:
+    rows: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A row budget (`token_targets` empty) or a token budget capped at `budget_rows` rows."""
+
+    budget_rows: int
+    targets: dict[str, int]
+    seed: int
+    notes: tuple[str, ...] = ()
+    budget_tokens: int = 0
+    token_targets: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LongestConfig:
+    targets: dict[str, int]
+    fit_tokens: int
+
+
+class DrawStage(Stage):
+    name = "draw"
+    kind = "global"
+
+    def key(self):
+        return (self.cfg.rows, self.cfg.seed)  # the pre-contract checkpoint key, so old checkpoints match
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        return draw_block(frame, self.cfg.rows, self.cfg.seed)
+
+
+class BudgetStage(Stage):
+    name = "budget"
+    kind = "global"
+
+    def key(self):
+        c = self.cfg
+        if c.budget_tokens:
+            return (c.budget_rows, c.budget_tokens, c.token_targets, c.seed)
+        return (c.budget_rows, c.targets, c.seed)  # the same key as before token budgets existed
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        c = self.cfg
+        if c.budget_tokens:
+            return sample_token_budget(frame, c.token_targets, c.seed, list(c.notes), max_rows=c.budget_rows)
+        return sample_budget(frame, c.targets, c.seed, list(c.notes))
+
+
+class LongestStage(Stage):
+    name = "longest"
+    kind = "global"
+
+    def key(self):
+        return (self.cfg.targets, self.cfg.fit_tokens)
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        return select_longest(frame, self.cfg.targets, self.cfg.fit_tokens)

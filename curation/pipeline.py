@@ -25,7 +25,7 @@ from curation.sources import SourceConfig, load_source
 from tomelab import paths
 from tomelab.config import config_hash, to_dict
 from tomelab.errors import DataError, TomelabError
-from tomelab.io import read_json, write_json, write_parquet
+from tomelab.io import read_json, read_parquet_or_none, write_json, write_parquet
 from tomelab.schema import ROW_SCHEMA
 from tomelab.stats import StageStats, Timer
 
@@ -69,18 +69,20 @@ class SourceData:
     stats: dict[str, Any]
 
 
-def load_cached_source(cfg: SourceConfig, *, progress: bool = True) -> SourceData:
-    """Load a source once into artifacts/cache/sources/; later runs read the parquet."""
+def load_cached_source(cfg: SourceConfig, *, progress: bool = True, force: bool = False) -> SourceData:
+    """Load a source once into artifacts/cache/sources/; later runs read the parquet (`force`: reload).
+    A cache file that is truncated or not parquet is rebuilt rather than trusted."""
     import hashlib
 
     key = config_hash({"cfg": to_dict(cfg), "file": _file_stamp(cfg), "v": FORMAT_VERSION})
     base = paths.cache_dir() / "sources" / f"{cfg.name}-{key}"
     pq_path, meta_path = base.with_suffix(".parquet"), base.with_suffix(".json")
-    if pq_path.exists() and meta_path.exists():
+    if not force and pq_path.exists() and meta_path.exists():
         meta = read_json(meta_path)
-        import pyarrow.parquet as pq
-
-        return SourceData(cfg.name, pq.read_table(pq_path), meta["fingerprint"], meta["origin"], meta["stats"])
+        table = read_parquet_or_none(pq_path)
+        if table is not None:
+            return SourceData(cfg.name, table, meta["fingerprint"], meta["origin"], meta["stats"])
+        log.warning("source cache %s is unreadable (truncated?): loading %s again", pq_path, cfg.name)
     loaded = load_source(cfg, progress=progress)
     if loaded.table.num_rows == 0:
         raise DataError(f"source {cfg.name!r} ({loaded.origin}) has no usable rows: all "
@@ -116,9 +118,10 @@ def make_heldout(recipe: Recipe, sources: dict[str, SourceData]) -> Path:
     import numpy as np
 
     h = recipe.heldout
-    src_cfgs = {s.name: to_dict(s) for s in recipe.sources if s.name in h.sources}
-    key = config_hash({"heldout": to_dict(h), "sources": src_cfgs,
-                       "content": {n: sources[n].fingerprint for n in h.sources}})
+    names = [*h.sources, *[n for n in h.reference_rows if n not in h.sources]]
+    src_cfgs = {s.name: to_dict(s) for s in recipe.sources if s.name in names}
+    key = config_hash({"heldout": {k: v for k, v in to_dict(h).items() if v or k != "reference_rows"},
+                       "sources": src_cfgs, "content": {n: sources[n].fingerprint for n in names}})
     d = heldout_root() / key
     if (d / "meta.json").exists():
         return d
@@ -145,9 +148,16 @@ def make_heldout(recipe: Recipe, sources: dict[str, SourceData]) -> Path:
         raise TomelabError(f"held-out split would take every row of {h.sources}: lower heldout.test_rows / val_rows.")
     write_parquet(d / "test.parquet", table.take(sorted(test_idx)))
     write_parquet(d / "val.parquet", table.take(sorted(val_idx)))
+    refs: dict[str, list[str]] = {}
+    for n, k in sorted(h.reference_rows.items()):  # reference sets: a seeded sample no pool may train on
+        t = sources[n].table
+        take = sorted(np.random.default_rng(h.seed).permutation(t.num_rows)[: min(k, t.num_rows - 1)].tolist())
+        write_parquet(d / f"ref-{n}.parquet", t.take(take))
+        refs[n] = t.take(take).column("id").to_pylist()
     write_json(d / "meta.json", {"key": key, "config": to_dict(h), "sources": src_cfgs,
-                                 "content": {n: sources[n].fingerprint for n in h.sources},
-                                 "test_rows": len(test_idx), "val_rows": len(val_idx), "groups": used})
+                                 "content": {n: sources[n].fingerprint for n in names},
+                                 "test_rows": len(test_idx), "val_rows": len(val_idx), "groups": used,
+                                 "reference_ids": refs})
     return d
 
 
@@ -158,11 +168,15 @@ def remove_heldout(df: pl.DataFrame, heldout_dir: Path, heldout_sources: list[st
         groups = set(meta["groups"])
         test_ids = set(pl.read_parquet(heldout_dir / "test.parquet", columns=["id"])["id"].to_list())
         val_ids = set(pl.read_parquet(heldout_dir / "val.parquet", columns=["id"])["id"].to_list())
+        ref_of = {rid: n for n, ids in meta.get("reference_ids", {}).items() for rid in ids}
         gkeys = _group_keys(df.select(list(ROW_SCHEMA.names)).to_arrow())
         reason: list[str | None] = []
         detail: list[str] = []
         for rid, src, g in zip(df["id"].to_list(), df["source"].to_list(), gkeys):
-            if rid in test_ids or rid in val_ids:
+            if rid in ref_of:
+                reason.append("heldout")
+                detail.append(f"in the {ref_of[rid]} reference set (never trained on)")
+            elif rid in test_ids or rid in val_ids:
                 reason.append("heldout")
                 detail.append("in the held-out " + ("test" if rid in test_ids else "val") + " split")
             elif src in heldout_sources and g in groups:
@@ -198,14 +212,18 @@ class StageRunner:
         fp = config_hash({"in": self.fp, "stage": name, "cfg": to_dict(cfg), "v": FORMAT_VERSION})
         base = self.root / f"{name}-{fp}"
         marker = base.with_suffix(".json")
-        if not self.force and marker.exists():
-            saved = read_json(marker)
-            rows = pl.read_parquet(base.with_suffix(".kept.parquet"))
+        saved = read_json(marker) if not self.force and marker.exists() else None
+        rows = read_parquet_or_none(base.with_suffix(".kept.parquet"), as_polars=True) if saved else None
+        dropped_saved = read_parquet_or_none(base.with_suffix(".dropped.parquet"), as_polars=True) if saved else None
+        if saved and (rows is None or dropped_saved is None):
+            log.warning("stage %s: checkpoint %s is unreadable (truncated?): running the stage again", name, base)
+            saved = None
+        if saved:
             kept = df.filter(pl.col("_row").is_in(rows["_row"].implode()))
             added = [c for c in rows.columns if c != "_row"]
             if added:
                 kept = kept.join(rows, on="_row", how="left", maintain_order="left")
-            dropped = pl.read_parquet(base.with_suffix(".dropped.parquet"))
+            dropped = dropped_saved
             arts = {k: pl.read_parquet(Path(f"{base}-{k}.parquet")) for k in saved.get("artefacts", [])}
             stats = StageStats.from_dict(saved["stats"])
             stats.extra = {**stats.extra, "resumed": True}
@@ -243,20 +261,35 @@ def _score_columns(df: pl.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in ROW_SCHEMA.names and c not in HELPER_COLUMNS]
 
 
-def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = True) -> Path:
-    """Build the variant a recipe describes; returns artifacts/variants/<name>/."""
+def _refuse_name_clash(name: str, recipe_path: Path) -> None:
+    """Two recipe files with the same `name` would overwrite each other's variant silently."""
+    st = paths.variants_dir() / name / "stats.json"
+    if not st.is_file():
+        return
+    prev = read_json(st).get("recipe_file")
+    if prev and Path(prev).is_file() and Path(prev).resolve() != recipe_path.resolve():
+        raise TomelabError(f"{recipe_path}: variant name {name!r} is already built from {prev}; two recipes may not "
+                           f"share a name. Rename one (`name = ...`), or delete {st.parent} to rebuild it from this file.")
+
+
+def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = True,
+           overrides: dict[str, Any] | None = None) -> Path:
+    """Build the variant a recipe describes; returns artifacts/variants/<name>/.
+    `overrides` replace top-level recipe keys (an ablation block's name, seed and draw)."""
     from curation import dedup, filters
     from curation.card import write_card
     from curation.decontam import collect_test_items, decontaminate, test_set_stamps
     from curation.embed import Embedder
-    from curation.mixing import plan_budget, row_tokens, sample_budget, sample_token_budget
+    from curation.mixing import draw_block, plan_budget, row_tokens, sample_budget, sample_token_budget, select_longest
     from curation.quality import select_by_quality
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, overrides)
+    _refuse_name_clash(recipe.name, Path(recipe_path))
     with Timer() as total:
         out = paths.variants_dir() / recipe.name
-        needed = [s for s in recipe.sources if s.name in set(recipe.pool_sources) | set(recipe.heldout.sources)]
-        sources = {s.name: load_cached_source(s, progress=progress) for s in needed}
+        wanted = set(recipe.pool_sources) | set(recipe.heldout.sources) | set(recipe.heldout.reference_rows)
+        needed = [s for s in recipe.sources if s.name in wanted]
+        sources = {s.name: load_cached_source(s, progress=progress, force=force) for s in needed}
         heldout_dir = make_heldout(recipe, sources)
         pool_tables = [sources[n].table for n in recipe.pool_sources]
         df = prepare(pa.concat_tables(pool_tables))
@@ -268,6 +301,9 @@ def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = Tru
                                  extra={"origin": sources[n].origin}) for n in recipe.pool_sources]
 
         df = runner.run("heldout", recipe.heldout, df, lambda d: remove_heldout(d, heldout_dir, recipe.heldout.sources))
+        if recipe.draw_rows:
+            df = runner.run("draw", (recipe.draw_rows, recipe.draw_seed), df,
+                            lambda d: draw_block(d, recipe.draw_rows, recipe.draw_seed))
         if recipe.exact_dedup.enabled:
             df = runner.run("exact_dedup", recipe.exact_dedup, df, lambda d: dedup.exact_dedup(d, recipe.exact_dedup))
         if recipe.minhash.enabled:
@@ -297,7 +333,12 @@ def curate(recipe_path: str | Path, *, force: bool = False, progress: bool = Tru
             df = runner.run("quality", (q, targets), df,
                             lambda d: select_by_quality(d, q, targets, recipe.seed, progress=progress),
                             fix="Raise [quality] max_ifd, or lower min_score.")
-        if plan.unit == "rows":  # the same stage config as before token budgets, so old checkpoints still match
+        if recipe.select == "longest":
+            if plan.unit != "rows":
+                raise TomelabError(f"{recipe_path}: select = \"longest\" budgets by rows; remove budget_tokens.")
+            df = runner.run("longest", (targets, recipe.fit_tokens), df,
+                            lambda d: select_longest(d, targets, recipe.fit_tokens))
+        elif plan.unit == "rows":  # the same stage config as before token budgets, so old checkpoints still match
             df = runner.run("budget", (recipe.budget_rows, targets, recipe.seed), df,
                             lambda d: sample_budget(d, targets, recipe.seed, notes))
         else:

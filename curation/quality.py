@@ -22,6 +22,7 @@ import polars as pl
 
 from curation.frame import StageResult, split_result
 from curation.recipe import QualityConfig
+from curation.stage import Need, Stage
 from tomelab import paths
 from tomelab.config import config_hash
 from tomelab.io import write_parquet
@@ -183,3 +184,30 @@ def select_by_quality(df: pl.DataFrame, cfg: QualityConfig, targets: dict[str, i
         out.kept = out.kept.join(scores.with_columns(ifd_expr(cfg.ifd_kind).alias("ifd")), on="id", how="left",
                                  maintain_order="left")
     return out
+
+
+
+class QualityStage(Stage):
+    """Global: candidates are a seeded sample per source, then the top rows per source are kept.
+    The IFD scorer is declared in `needs`; the runner loads it (once) only when this stage runs."""
+
+    name = "quality"
+    kind = "global"
+    fix = "Raise [quality] max_ifd, or lower min_score."
+
+    def __init__(self, cfg: QualityConfig, targets: dict[str, int], seed: int) -> None:
+        super().__init__(cfg)
+        self.targets, self.seed = targets, seed
+        self.scorer = None
+
+    def key(self):
+        return (self.cfg, self.targets)
+
+    def needs(self) -> dict[str, Need]:
+        return {"scorer": Need("scorer", self.cfg)} if self.cfg.select_by != "score" else {}
+
+    def setup(self, scorer=None, **_) -> None:
+        self.scorer = scorer
+
+    def run(self, frame: pl.DataFrame) -> StageResult:
+        return select_by_quality(frame, self.cfg, self.targets, self.seed, scorer=self.scorer, progress=False)

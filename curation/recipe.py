@@ -7,16 +7,40 @@ a list in the child replaces the base's list.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from curation.sources import SourceConfig
 from tomelab import paths
-from tomelab.config import from_dict, read_toml
+from tomelab.config import from_dict, read_config_dict, safe_name_problem
 from tomelab.errors import ConfigError
 
 FILTER_NAMES = ("length", "language", "repetition", "refusal", "broken_turns", "truncated")
+
+
+def _at_least(obj: Any, low: int | float, *names: str) -> None:
+    """Each named setting must be >= low (stage code would crash or silently misbehave below it)."""
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low):
+            raise ValueError(f"`{n}` must be >= {low}, got {v}")
+
+
+def _fraction(obj: Any, *names: str) -> None:
+    """Each named setting must be a similarity/ratio in (0, 1]."""
+    for n in names:
+        v = getattr(obj, n)
+        if not 0 < v <= 1:
+            raise ValueError(f"`{n}` must be in (0, 1], got {v}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"`{n}` must be a finite number > 0, got {v}")
 
 
 @dataclass
@@ -28,10 +52,16 @@ class HeldoutConfig:
     test_rows: int = 300
     val_rows: int = 100
     seed: int = 1234
+    # reference sets: per source, rows kept out of every pool (scored by NLL only, never trained on),
+    # e.g. {alpaca = 300}; the source must be one of the recipe's [[sources]]
+    reference_rows: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.test_rows < 1 or self.val_rows < 0:
             raise ValueError("test_rows must be >= 1 and val_rows >= 0")
+        if any(not isinstance(v, int) or v < 1 for v in self.reference_rows.values()):
+            raise ValueError(f"heldout.reference_rows values must be integers >= 1, got {self.reference_rows}")
+        _at_least(self, 0, "seed")
 
 
 @dataclass
@@ -50,6 +80,11 @@ class MinHashConfig:
     seed: int = 42
     max_chars: int = 4000  # shingle only the first N characters (long tails add cost, not signal)
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_perm", "ngram", "max_chars")
+        _at_least(self, 0, "seed")
+        _fraction(self, "threshold")
+
 
 @dataclass
 class SemanticDedupConfig:
@@ -60,6 +95,10 @@ class SemanticDedupConfig:
     threshold: float = 0.95
     k: int = 10
     text: Literal["conversation", "prompt"] = "conversation"
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "k")
+        _fraction(self, "threshold")
 
 
 @dataclass
@@ -85,6 +124,12 @@ class FiltersConfig:
     ])
 
     def __post_init__(self) -> None:
+        _at_least(self, 0, "min_prompt_tokens", "min_response_tokens", "language_min_words")
+        _at_least(self, 1, "language_chars")
+        for lo, hi in (("min_prompt_tokens", "max_prompt_tokens"), ("min_response_tokens", "max_response_tokens")):
+            if getattr(self, hi) < getattr(self, lo):
+                raise ValueError(f"`{hi}` ({getattr(self, hi)}) must be >= `{lo}` ({getattr(self, lo)})")
+        _fraction(self, "max_dup_ngram_ratio", "max_dup_line_ratio")
         unknown = [f for f in self.enabled if f not in FILTER_NAMES]
         if unknown:
             raise ValueError(f"unknown filter(s) {unknown}; choose from {list(FILTER_NAMES)}")
@@ -117,6 +162,12 @@ class QualityConfig:
     max_answer_tokens: int = 64
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size", "max_prompt_tokens", "max_answer_tokens")
+        _positive(self, "candidates_factor", "max_ifd")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise ValueError(f"`min_score` must be a finite number, got {self.min_score}")
+
 
 @dataclass
 class TestSetConfig:
@@ -137,6 +188,10 @@ class DecontamConfig:
     model: str = "m2v"
     include_heldout: bool = True
     test_sets: list[TestSetConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "ngram")
+        _fraction(self, "embed_threshold")
 
 
 @dataclass
@@ -163,8 +218,20 @@ class Recipe:
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    # a block's own sample of the raw pool: after the held-out split, keep `draw_rows` rows per pool source,
+    # drawn with `draw_seed` (0 rows: the whole pool). Set per block by an ablation with draw_rows > 0
+    draw_rows: int = 0
+    draw_seed: int = 0
+    # how the budget stage picks rows: "random" (seeded sample) or "longest" (the longest complete answers
+    # whose conversation fits `fit_tokens`: "Long Is More for Alignment", Zhao et al. 2024)
+    select: Literal["random", "longest"] = "random"
+    fit_tokens: int = 0  # "longest": only rows of at most this many (approximate) tokens; 0 = no cap
 
     def __post_init__(self) -> None:
+        problem = safe_name_problem(self.name)
+        if problem:  # the name becomes folder and file names under artifacts/ and data_cards/
+            raise ValueError(f"`name` {problem}. Set `name` (or rename the file) to e.g. \"my-variant\"")
+        _at_least(self, 0, "seed")
         if self.budget_rows < 1:
             raise ValueError("budget_rows must be >= 1")
         if self.budget_tokens < 0:
@@ -175,7 +242,10 @@ class Recipe:
             raise ValueError("list at least one [[sources]]")
         if len(set(names)) != len(names):
             raise ValueError(f"[[sources]] names must be unique, got {names}")
-        for key, listed in (("pool", self.pool), ("mix", list(self.mix)), ("heldout.sources", self.heldout.sources)):
+        if self.draw_rows < 0 or self.draw_seed < 0 or self.fit_tokens < 0:
+            raise ValueError("draw_rows, draw_seed and fit_tokens must be >= 0")
+        for key, listed in (("pool", self.pool), ("mix", list(self.mix)), ("heldout.sources", self.heldout.sources),
+                            ("heldout.reference_rows", list(self.heldout.reference_rows))):
             bad = [n for n in listed if n not in names]
             if bad:
                 raise ValueError(f"`{key}` names unknown source(s) {bad}; the recipe's sources are {names}")
@@ -203,25 +273,9 @@ class Recipe:
         return {}
 
 
-def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in child.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_recipe_dict(path: str | Path) -> dict[str, Any]:
     """The recipe's TOML with its `extends` chain merged in (base first)."""
-    p = Path(path).resolve()
-    if p in _seen:
-        raise ConfigError(f"{path}: `extends` makes a cycle: {' -> '.join(str(s) for s in (*_seen, p))}.")
-    data = read_toml(p)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: `extends` must be a file name such as \"_base.toml\".")
-    return _merge(read_recipe_dict(p.parent / parent, (*_seen, p)), data)
+    return read_config_dict(path)
 
 
 def resolve_data_path(s: str) -> Path:
@@ -231,8 +285,10 @@ def resolve_data_path(s: str) -> Path:
     return Path(s).expanduser()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load and validate a recipe; the variant name defaults to the file name."""
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load and validate a recipe; the variant name defaults to the file name. `overrides` replace
+    top-level keys (an ablation block sets name, seed, draw_rows and draw_seed this way)."""
     data = read_recipe_dict(path)
     data.setdefault("name", Path(path).stem)
+    data.update(overrides or {})
     return from_dict(Recipe, data, file=str(path))

@@ -80,6 +80,12 @@ class ReviewConfig:
             raise ValueError("extend_k must be >= 0")
         if not -1.0 <= self.extend_min_similarity <= 1.0:
             raise ValueError("extend_min_similarity is a cosine similarity in [-1, 1]")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.suggest_drop_below <= 1.0:
+            raise ValueError("suggest_drop_below is a score percentile in [0, 1]")
 
 
 def load_review_config(path: str | Path | None) -> ReviewConfig:
@@ -156,7 +162,23 @@ def check_server(target: ArgillaTarget, timeout_s: float = 5.0) -> dict[str, Any
         )
     if r.status_code != 200:
         raise TomelabError(f"Argilla at {target.url} answered HTTP {r.status_code} on /api/v1/me: {r.text[:200]}")
-    return r.json()
+    me = _json(r, target)
+    if not isinstance(me, dict):
+        raise TomelabError(f"{target.url}/api/v1/me answered {type(me).__name__}, not a user: is "
+                           f"ARGILLA_API_URL pointing at an Argilla server?")
+    return me
+
+
+def _json(r: Any, target: ArgillaTarget) -> Any:
+    """The JSON body of an Argilla answer, or one clear error when the server there is not Argilla."""
+    try:
+        return r.json()
+    except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+        snippet = " ".join(r.text[:80].split())
+        raise TomelabError(
+            f"{target.url}{r.request.url.path} answered HTTP {r.status_code} that is not JSON ({snippet!r}): "
+            f"is ARGILLA_API_URL ({target.url}) pointing at an Argilla server? No local file was changed."
+        ) from None
 
 
 def connect(target: ArgillaTarget | None = None, timeout_s: float = 5.0):
@@ -529,7 +551,7 @@ def count_records(target: ArgillaTarget, dataset_id: Any, timeout_s: float = 5.0
     with _api(target, timeout_s) as h:
         r = h.get(f"/api/v1/datasets/{dataset_id}/records", params={"limit": 1})
         r.raise_for_status()
-        return int(r.json()["total"])
+        return int(_json(r, target)["total"])
 
 
 def fetch_responses(target: ArgillaTarget, dataset_id: Any, timeout_s: float = 5.0) -> pl.DataFrame:
@@ -541,12 +563,12 @@ def fetch_responses(target: ArgillaTarget, dataset_id: Any, timeout_s: float = 5
         users = {}
         r = h.get("/api/v1/users")
         if r.status_code == 200:
-            users = {u["id"]: u["username"] for u in r.json()["items"]}
+            users = {u["id"]: u["username"] for u in _json(r, target)["items"]}
         offset, limit = 0, 1000
         while True:
             r = h.get(f"/api/v1/datasets/{dataset_id}/records", params={"include": "responses", "offset": offset, "limit": limit})
             r.raise_for_status()
-            page = r.json()
+            page = _json(r, target)
             for rec in page["items"]:
                 for resp in rec.get("responses") or []:
                     if resp.get("status") != "submitted":

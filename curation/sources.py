@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,46 +91,96 @@ class LoadedSource:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or a _BadJson marker) for each non-empty line."""
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    """(line number, parsed object or a _BadJson marker) for each non-empty line.
+
+    Read as bytes and decoded strictly: a line that is not UTF-8 is quarantined (`bad_encoding`)
+    instead of being silently mangled with U+FFFD. One pathological line (nesting deeper than the
+    parser's recursion limit, a number of thousands of digits) is quarantined, never fatal.
+    """
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _BadJson(f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8",
+                                       raw[:200].decode("utf-8", "backslashreplace"), "bad_encoding")
+                continue
             if not line.strip():
                 continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, _BadJson(str(e), line[:200])
+            yield lineno, _parse_line(line)
+
+
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return _BadJson(str(e), line[:200])
+    except RecursionError:
+        return _BadJson("nested too deeply to parse", line[:200])
+    except ValueError as e:  # e.g. an integer of thousands of digits (int max_str_digits)
+        return _BadJson(str(e).split(";")[0], line[:200])
 
 
 @dataclass
 class _BadJson:
     error: str
     snippet: str
+    reason: str = "bad_json"
+
+
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a non-UTF-8 byte, as decoded with errors="surrogateescape"
+
+
+def _check_encoding(rec: Any) -> Any:
+    """`rec`, or a bad_encoding marker if any of its strings holds a non-UTF-8 byte (surrogateescape)."""
+    if isinstance(rec, (int, float, bool)) or rec is None:
+        return rec
+    text = json.dumps(rec, ensure_ascii=False)
+    m = _BAD_BYTE.search(text)
+    if m is None:
+        return rec
+    return _BadJson(f"byte 0x{ord(m.group()) - 0xDC00:02x} is not UTF-8",
+                    text[:200].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), "bad_encoding")
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-        for rec in batch.to_pylist():
-            n += 1
-            yield n, rec
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        for batch in batches:
+            for rec in batch.to_pylist():
+                n += 1
+                yield n, rec
+    except (pa.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        where = f" after row {n}" if n else ""
+        raise DataError(f"{path}: not a readable parquet file{where} ({first}). "
+                        f"Re-export it, or point `path` at the right file.") from None
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: not valid JSON ({e}). If the file is truncated, load it as kind 'sharegpt', "
-                f"which recovers every complete record; else use JSONL."
-            ) from None
+    raw = path.read_bytes()
+    try:
+        text, clean = raw.decode("utf-8"), True
+    except UnicodeDecodeError:  # keep the bad bytes as surrogates; only the records holding them are quarantined
+        text, clean = raw.decode("utf-8", "surrogateescape"), False
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: not valid JSON ({e}). If the file is truncated, load it as kind 'sharegpt', "
+            f"which recovers every complete record; else use JSONL."
+        ) from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to parse. Fix the file, or use JSONL (one record per line).") from None
+    except ValueError as e:
+        raise DataError(f"{path}: cannot be parsed ({str(e).split(';')[0]}). Fix the file, or use JSONL.") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}.")
     for i, rec in enumerate(data, start=1):
-        yield i, rec
+        yield i, rec if clean else _check_encoding(rec)
 
 
 def stream_json_array(path: Path, chunk_chars: int = 1 << 22) -> Iterator[tuple[int, Any]]:
@@ -140,15 +191,24 @@ def stream_json_array(path: Path, chunk_chars: int = 1 << 22) -> Iterator[tuple[
     byte offset where the last complete record ended.
     """
     decoder = json.JSONDecoder()
-    with path.open("r", encoding="utf-8") as f:
+
+    def nbytes(text: str) -> int:
+        return len(text.encode("utf-8", "surrogateescape"))
+
+    # surrogateescape: a non-UTF-8 byte quarantines only the record holding it (see _check_encoding)
+    with path.open("r", encoding="utf-8", errors="surrogateescape") as f:
         buf = f.read(chunk_chars)
         base = 0  # byte offset of buf[0] in the file
         last_end_abs = 0  # byte offset just after the last complete record
         last_end = -1  # the same as an index into buf, or -1 if before buf
-        pos = buf.find("[")
-        if pos < 0:
-            raise DataError(f"{path}: expected a JSON array (no '[' found).")
-        pos += 1
+        start = buf.lstrip("\ufeff \t\r\n")[:1]
+        if start != "[":
+            what = "a JSON object" if start == "{" else ("empty" if not start else f"starts with {start!r}")
+            raise DataError(
+                f"{path}: expected a JSON array of records at the top level, but the file is {what}. "
+                f"Extract the array of conversations into its own .json (e.g. `jq .data {path.name}`), or use JSONL."
+            )
+        pos = buf.find("[") + 1
         index = 0
         eof = False
 
@@ -159,14 +219,14 @@ def stream_json_array(path: Path, chunk_chars: int = 1 << 22) -> Iterator[tuple[
             if not more:
                 return False
             if last_end >= 0:
-                last_end_abs = base + len(buf[:last_end].encode("utf-8"))
+                last_end_abs = base + nbytes(buf[:last_end])
                 last_end = -1
-            base += len(buf[:pos].encode("utf-8"))
+            base += nbytes(buf[:pos])
             buf, pos = buf[pos:] + more, 0
             return True
 
         def truncated() -> TruncatedJson:
-            offset = base + len(buf[:last_end].encode("utf-8")) if last_end >= 0 else last_end_abs
+            offset = base + nbytes(buf[:last_end]) if last_end >= 0 else last_end_abs
             return TruncatedJson(path, offset, index)
 
         while True:
@@ -188,8 +248,13 @@ def stream_json_array(path: Path, chunk_chars: int = 1 << 22) -> Iterator[tuple[
                     continue
                 warnings.warn(truncated())
                 return
+            except (RecursionError, ValueError) as e:  # the record's end is unknown, so nothing after it is safe
+                why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                raise DataError(f"{path}: record {index + 1} cannot be parsed ({why}). Fix or remove that record.") from None
             index += 1
-            yield index, obj
+            bad = _BAD_BYTE.search(buf, pos, end)
+            yield index, obj if bad is None else _BadJson(
+                f"byte 0x{ord(bad.group()) - 0xDC00:02x} is not UTF-8", "", "bad_encoding")
             pos = last_end = end
 
 
@@ -297,6 +362,15 @@ def _map_gsm8k(rec: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
     return [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}], {"final_answer": final}
 
 
+def _text(value: Any, what: str) -> str:
+    """A text field as a string; a number, list or table would be stringified into training text."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _BadRow("bad_type", f"field {what} is {type(value).__name__}, not text")
+    return value
+
+
 def _map_generic(mapping: ColumnMapping) -> Callable[[Any], tuple[list[dict[str, str]], dict[str, Any]]]:
     def mapper(rec: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
         meta = {k: rec.get(k) for k in mapping.meta} if isinstance(rec, dict) else {}
@@ -313,13 +387,13 @@ def _map_generic(mapping: ColumnMapping) -> Callable[[Any], tuple[list[dict[str,
                 role = ROLE_MAP.get(str(t[mapping.role_key]).strip().lower())
                 if role is None:
                     raise _BadRow("unknown_role", f"turn {i} has unknown role {t[mapping.role_key]!r}")
-                msgs.append({"role": role, "content": str(t[mapping.content_key] or "")})
+                msgs.append({"role": role, "content": _text(t[mapping.content_key], f"turn {i} {mapping.content_key!r}")})
             return msgs, meta
         msgs = []
-        if mapping.system and rec.get(mapping.system):
-            msgs.append({"role": "system", "content": str(rec[mapping.system])})
-        msgs.append({"role": "user", "content": str(_need(rec, mapping.prompt) or "")})
-        msgs.append({"role": "assistant", "content": str(_need(rec, mapping.response) or "")})
+        if mapping.system and isinstance(rec, dict) and rec.get(mapping.system):
+            msgs.append({"role": "system", "content": _text(rec[mapping.system], repr(mapping.system))})
+        msgs.append({"role": "user", "content": _text(_need(rec, mapping.prompt), repr(mapping.prompt))})
+        msgs.append({"role": "assistant", "content": _text(_need(rec, mapping.response), repr(mapping.response))})
         return msgs, meta
 
     return mapper
@@ -418,7 +492,7 @@ def load_source(cfg: SourceConfig, *, progress: bool = False) -> LoadedSource:
             rows_in += 1
             try:
                 if isinstance(rec, _BadJson):
-                    raise _BadRow("bad_json", f"{rec.error}: {rec.snippet!r}")
+                    raise _BadRow(rec.reason, f"{rec.error}: {rec.snippet!r}")
                 msgs, meta = mapper(rec)
                 bad = validate_messages(msgs)
                 if bad:

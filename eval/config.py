@@ -11,18 +11,29 @@ from typing import Any, Literal
 
 EVAL_SETS = ("heldout", "ifeval", "gsm8k")
 
-# Ablation metric -> (eval set, per-item score key, per-item weight key or None, higher is better).
-# Each is a weighted mean of per-item scores, so the paired bootstrap can resample items.
-METRICS: dict[str, tuple[str, str, str | None, bool]] = {
-    "heldout_nll": ("heldout", "nll", "n_tokens", False),  # mean NLL per assistant token
-    "heldout_rougeL": ("heldout", "rougeL", None, True),
-    "heldout_cosine": ("heldout", "cosine", None, True),
-    "ifeval_prompt_strict": ("ifeval", "prompt_strict", None, True),
-    "ifeval_inst_strict": ("ifeval", "inst_strict", "n_inst", True),
-    "ifeval_prompt_loose": ("ifeval", "prompt_loose", None, True),
-    "ifeval_inst_loose": ("ifeval", "inst_loose", "n_inst", True),
-    "gsm8k_em": ("gsm8k", "em", None, True),
+# Ablation metric -> (eval set, per-item score key, per-item weight key or None, higher is better, subset).
+# Each is a weighted mean of per-item scores over a subset of the set's items, so intervals can resample
+# items. Subsets of the held-out NLL set: "<split>" (test = held-out conversations, val = the validation
+# slice, alpaca / gsm8k = reference sets no variant trains on) or "<split>:clean" / "<split>:rejected"
+# (items that pass / fail the clean recipe's exact, MinHash and heuristic filters; eval/labels.py).
+METRICS: dict[str, tuple[str, str, str | None, bool, str | None]] = {
+    "heldout_nll": ("heldout", "nll", "n_tokens", False, "test"),  # raw held-out test conversations
+    "heldout_clean_nll": ("heldout", "nll", "n_tokens", False, "test:clean"),  # primary
+    "heldout_rejected_nll": ("heldout", "nll", "n_tokens", False, "test:rejected"),
+    "val_nll": ("heldout", "nll", "n_tokens", False, "val"),  # validation items: choose the winner on these
+    "val_clean_nll": ("heldout", "nll", "n_tokens", False, "val:clean"),
+    "alpaca_nll": ("heldout", "nll", "n_tokens", False, "alpaca"),
+    "gsm8k_nll": ("heldout", "nll", "n_tokens", False, "gsm8k"),
+    "heldout_rougeL": ("heldout", "rougeL", None, True, None),
+    "heldout_cosine": ("heldout", "cosine", None, True, None),
+    "ifeval_prompt_strict": ("ifeval", "prompt_strict", None, True, None),
+    "ifeval_inst_strict": ("ifeval", "inst_strict", "n_inst", True, None),
+    "ifeval_prompt_loose": ("ifeval", "prompt_loose", None, True, None),
+    "ifeval_inst_loose": ("ifeval", "inst_loose", "n_inst", True, None),
+    "gsm8k_em": ("gsm8k", "em", None, True, None),
 }
+# metrics measured on validation items: the only ones a winner rule may choose by
+VALIDATION_METRICS = ("val_nll", "val_clean_nll")
 
 
 @dataclass
@@ -37,6 +48,18 @@ class HeldoutConfig:
     max_length: int = 1024  # tokens per conversation for NLL (longer ones are truncated)
     max_prompt_tokens: int = 512  # generate only for items whose prompt fits (long ShareGPT threads are skipped)
     embed_model: Literal["m2v", "minilm"] = "m2v"
+    # > 0: score a fixed answer window instead: the first `answer_tokens` tokens of the last assistant
+    # turn, after its context left-truncated to `context_tokens`. No item is dropped and every model
+    # scores the same tokens (0: the whole conversation, right-truncated at max_length, as before)
+    answer_tokens: int = 0
+    context_tokens: int = 256
+    val: bool = False  # also score the held-out validation slice (split "val": where winners are chosen)
+    references: list[Literal["alpaca", "gsm8k"]] = field(default_factory=list)  # reference sets, NLL only
+    reference_limit: int = 200  # items per reference set and of the validation slice (a fixed hash-ordered subset)
+
+    def __post_init__(self) -> None:
+        if self.answer_tokens < 0 or self.context_tokens < 1 or self.reference_limit < 1:
+            raise ValueError("heldout.answer_tokens must be >= 0, context_tokens and reference_limit >= 1")
 
 
 @dataclass
@@ -59,9 +82,11 @@ class EvalConfig:
     # 1 thread generated ~5x faster than 2 here (OpenMP workers spin-wait when preempted).
     threads: int = 0
     # generation engine for IFEval/GSM8K/held-out answers. "llama.cpp" is the app's serving path: a GGUF
-    # of the same weights (gguf_type), one prompt at a time, faster than batched transformers `generate`
-    # for long answers on CPU (README: Evaluation). Its kernels differ, so greedy outputs can drift late in
-    # long answers: compare models within one engine. NLL is always computed with transformers.
+    # of the same weights (gguf_type) served by xllamacpp (prebuilt wheel) with 8 parallel slots decoded
+    # together (continuous batching, stop at end of turn; eval.evaluate.EVAL_SLOTS), or llama-cpp-python one
+    # prompt at a time. bench/eval_engine.py measures its speed against batched transformers and the paired
+    # IFEval difference. Its kernels differ, so greedy outputs can drift late in long answers: compare
+    # models within one engine. NLL is always computed with transformers.
     engine: Literal["transformers", "llama.cpp"] = "transformers"
     gguf_type: Literal["f16", "f32"] = "f16"
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
@@ -88,14 +113,23 @@ class EvalConfig:
 class WinnerRule:
     """Winner = best mean (over seeds) of `metric` among trained variants; near-ties go to `tie_breaker`."""
 
-    metric: str = "ifeval_prompt_strict"
-    tie_breaker: str = "heldout_nll"
+    metric: str = "val_clean_nll"
+    tie_breaker: str = "val_nll"
     tie_tolerance: float = 0.0  # |difference| <= this counts as a tie
 
     def __post_init__(self) -> None:
         for m in (self.metric, self.tie_breaker):
             if m not in METRICS:
                 raise ValueError(f"unknown metric {m!r}; choose one of {', '.join(METRICS)}")
+        if self.tie_tolerance < 0:
+            raise ValueError("winner.tie_tolerance must be >= 0")
+
+    @property
+    def on_validation(self) -> bool:
+        """True when the rule reads only validation items. Choosing on test items and then reporting
+        them is optimistic (winner's curse): the leaderboard says so when this is False (e.g. a
+        cross-tokenizer sweep, where only generation metrics compare and they have no validation split)."""
+        return self.metric in VALIDATION_METRICS and self.tie_breaker in VALIDATION_METRICS
 
     def describe(self) -> str:
         a = "higher" if METRICS[self.metric][3] else "lower"
@@ -133,8 +167,7 @@ class AblationConfig:
         default_factory=lambda: ["heldout_nll", "heldout_rougeL", "heldout_cosine", "ifeval_prompt_strict",
                                  "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose", "gsm8k_em"]
     )
-    ci: bool = True  # paired bootstrap CIs vs the baseline (needs >= 2 seeds)
-    n_bootstrap: int = 2000
+    ci: bool = True  # intervals vs the baseline, paired by block and item (needs >= 2 seeds)
     include_base: bool = True  # evaluate the untouched base model as its own row
     # overrides of train_config's keys for this ablation only (e.g. a smaller token_budget), so one
     # recipe file serves several compute sizes; checked against TrainConfig like the file itself
@@ -146,6 +179,19 @@ class AblationConfig:
     # a numeric training key the arms vary (e.g. "token_budget"): also plot every metric against it
     # (curve.png; the untouched base model is the 0 point of a token_budget curve)
     curve: str = ""
+    # Blocks: > 0 makes each seed a block that draws its own sample of `draw_rows` rows per pool source
+    # (after the held-out split); every variant of that block is curated from that draw and trained with
+    # that seed, and differences are paired per block (eval/stats.py block_diff)
+    draw_rows: int = 0
+    # Controls (need draw_rows): an A/A row `<baseline>-aa` (the baseline recipe on an independent draw:
+    # its interval must cover 0) and a positive control `<baseline>-half` (the baseline's data at half
+    # the training budget: it must come out worse, else the ablation is underpowered)
+    negative_control: bool = False
+    positive_control: bool = False
+    # recipe whose exact/MinHash/heuristic filters define the clean held-out items (heldout_clean_nll)
+    clean_recipe: str = ""
+    primary: str = ""  # the metric the leaderboard's verdict lines are about (empty: the first of `metrics`)
+    target_mde: float = 0.0  # > 0: the leaderboard says how many blocks would bring the primary MDE down to it
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -185,11 +231,25 @@ class AblationConfig:
             raise ValueError("seeds must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds contain duplicates: {self.seeds}")
+        if self.target_mde < 0:
+            raise ValueError(f"target_mde must be >= 0 (0: not shown), got {self.target_mde}")
+        if self.draw_rows < 0:
+            raise ValueError(f"draw_rows must be >= 0 (0: no per-block draw), got {self.draw_rows}")
+        if self.draw_rows and self.arms:
+            raise ValueError("draw_rows (blocks) and [[arms]] cannot be combined: a sweep's arms share one variant; "
+                             "run the sweep without draw_rows, or list the settings as variants")
+        if (self.negative_control or self.positive_control) and not self.draw_rows:
+            raise ValueError("negative_control / positive_control need blocks: set draw_rows > 0")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants lists a recipe twice: {self.variants}")
+        self.primary = self.primary or (self.metrics[0] if self.metrics else "")
+        if self.primary not in self.metrics:
+            raise ValueError(f"primary {self.primary!r} must be one of metrics {self.metrics}")
         for m in self.metrics:
             if m not in METRICS:
                 raise ValueError(f"unknown metric {m!r} in metrics; choose from {', '.join(METRICS)}")
         if self.ci and len(self.seeds) < 2:
             raise ValueError(
-                f"ci = true needs >= 2 seeds per variant for a seed-resampling bootstrap, got seeds = {self.seeds}. "
+                f"ci = true needs >= 2 seeds (blocks) per variant to estimate training noise, got seeds = {self.seeds}. "
                 "Add seeds (e.g. seeds = [0, 1, 2]) or set ci = false"
             )

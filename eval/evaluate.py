@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.config import METRICS, EvalConfig
-from eval.sets import EvalItem, LoadedSet, load_gsm8k, load_heldout, load_ifeval, score_gsm8k, score_ifeval, stable_subset
+from eval.sets import (EvalItem, LoadedSet, load_gsm8k, load_heldout, load_ifeval, load_nll_extras, score_gsm8k, score_ifeval,
+                       stable_subset)
 from tomelab import paths
 from tomelab.config import config_hash, to_dict
 from tomelab.errors import TomelabError
@@ -114,7 +115,13 @@ def _weighted(records: list[dict], key: str, weight: str | None) -> float | None
 
 def summarise(set_name: str, records: list[dict]) -> dict[str, float | None]:
     """Set-level metrics from per-item scores (the ablation recomputes the same from the JSONL)."""
-    out = {m: _weighted(records, key, w) for m, (s, key, w, _) in METRICS.items() if s == set_name}
+    def in_split(r: dict, subset: str | None) -> bool:
+        return subset is None or r["scores"].get("split", "test") == subset
+
+    # clean/rejected subsets need the held-out labels, which the ablation joins (eval/labels.py)
+    out = {m: _weighted([r for r in records if in_split(r, sub)], key, w)
+           for m, (s, key, w, _, sub) in METRICS.items() if s == set_name and not (sub and ":" in sub)}
+    out = {m: v for m, v in out.items() if v is not None or not m.endswith("nll") or m == "heldout_nll"}
     if set_name == "heldout" and out.get("heldout_nll") is not None:
         out["heldout_ppl"] = math.exp(out["heldout_nll"])
     if set_name == "ifeval" and out.get("ifeval_prompt_strict") is not None:
@@ -156,10 +163,12 @@ def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any,
     records = [{"id": it.id, "prompt": it.messages, "output": None, "reference": it.reference, "scores": {}} for it in items]
     by_id = {r["id"]: r for r in records}
     if name == "heldout":
+        window = (sc.answer_tokens, sc.context_tokens) if sc.answer_tokens else None
         nll = assistant_nll(model, tok, [(it.id, it.extra["conversation"]) for it in items if it.id in nll_ids],
-                            max_length=sc.max_length, desc="heldout nll")
+                            max_length=sc.max_length, desc="heldout nll", window=window)
+        split = {it.id: it.extra.get("split", "test") for it in items}
         for cid, (v, k) in nll.items():
-            by_id[cid]["scores"].update(nll=None if math.isnan(v) else v, n_tokens=k)
+            by_id[cid]["scores"].update(nll=None if math.isnan(v) else v, n_tokens=k, split=split[cid])
     if gen_items:
         prompts = [(it.id, it.messages) for it in gen_items]
         partial = out_dir / f".{name}.partial-{tag}.jsonl"
@@ -174,6 +183,9 @@ def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any,
     if name == "heldout" and gen_items:
         refs = [it.reference for it in gen_items]
         outs_l = [by_id[it.id]["output"] for it in gen_items]
+        # the reference cut to the output window: an answer that stops at max_new_tokens is not scored
+        # against text it was never allowed to write (F1 would be capped by length)
+        refs = [tok.decode(tok(r, add_special_tokens=False)["input_ids"][: sc.max_new_tokens]) for r in refs]
         rouge = _rouge_l(refs, outs_l)
         cos = _cosines(refs, outs_l, sc.embed_model)
         for j, it in enumerate(gen_items):
@@ -210,6 +222,8 @@ def _evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None, for
             loaded = _load_set(name, cfg, Path(heldout_dir) if heldout_dir else None)
             pool = stable_subset(loaded.items, None)
             items = pool[: getattr(cfg, name).limit]
+            if name == "heldout" and heldout_dir:
+                items = items + load_nll_extras(heldout_dir, cfg.heldout)
             tag = _set_tag(name, cfg, items, pool, fingerprint)
             cached = state["sets"].get(name, {})
             if not force and cached.get("config_hash") == tag and (out_dir / f"{name}.jsonl").is_file():
@@ -233,10 +247,12 @@ def _evaluate(ref: str | Path, cfg: EvalConfig, *, heldout_dir: Path | None, for
             write_jsonl(out_dir / f"{name}.jsonl", records)
             if loaded.quarantine:
                 write_jsonl(out_dir / f"{name}.quarantine.jsonl", loaded.quarantine)
+        n_extra = sum(1 for r in records if r["scores"].get("split", "test") != "test")  # val / reference items
         n_kept = len(records)
-        stats = StageStats(stage=f"eval:{name}", rows_in=loaded.rows_in, kept=n_kept,
+        n_main = n_kept - n_extra
+        stats = StageStats(stage=f"eval:{name}", rows_in=loaded.rows_in + n_extra, kept=n_kept,
                            dropped={**({"malformed": len(loaded.quarantine)} if loaded.quarantine else {}),
-                                    **({"over_limit": len(loaded.items) - n_kept} if len(loaded.items) > n_kept else {})},
+                                    **({"over_limit": len(loaded.items) - n_main} if len(loaded.items) > n_main else {})},
                            seconds=round(t.seconds, 2)).check()
         state["sets"][name] = {"config_hash": tag, "n_items": n_kept, "metrics": summarise(name, records),
                                "stats": stats.to_dict(), "quarantined": loaded.quarantine[:20]}
@@ -256,7 +272,19 @@ def _set_tag(name: str, cfg: EvalConfig, items: list[EvalItem], pool: list[EvalI
                         "pool": [it.id for it in pool] if name == "heldout" else None,
                         "model": fingerprint, "dtype": cfg.dtype,
                         # only when not the default, so outputs cached before this option stay valid
-                        **({"engine": f"{cfg.engine}-{cfg.gguf_type}"} if cfg.engine != "transformers" else {})})
+                        **({"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": EVAL_SLOTS}
+                           if cfg.engine != "transformers" else {})})
+
+
+def _llama_runtime() -> str:
+    """Which llama.cpp runtime generates (batched xllamacpp slots and one-at-a-time llama-cpp-python can
+    differ in late tokens), so their cached outputs are never mixed."""
+    import os
+
+    from tomelab.inference import xllamacpp_available
+
+    return "xllamacpp" if xllamacpp_available() and os.environ.get("TOMELAB_LLAMACPP") != "llama-cpp-python" \
+        else "llama-cpp-python"
 
 
 def assist_generation(ref: str | Path, cfg: EvalConfig) -> int:
@@ -298,8 +326,12 @@ def _generation_engine(ref: str | Path, cfg: EvalConfig) -> Any:
         return None
     from tomelab.inference import load_engine
 
+    # 8 parallel slots: llama.cpp decodes 8 answers together (continuous batching); bench/eval_engine.py
     return load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or None,
-                       dtype=cfg.dtype, context_length=4096)
+                       dtype=cfg.dtype, context_length=4096, slots=EVAL_SLOTS)
+
+
+EVAL_SLOTS = 8
 
 
 def _stash_set(out_dir: Path, name: str, cached: dict[str, Any]) -> None:

@@ -104,12 +104,18 @@ def generate_greedy_engine(
     desc: str = "generate",
     reverse: bool = False,
 ) -> dict[str, str]:
-    """`generate_greedy` through a serving `tomelab.inference.ChatEngine` (e.g. llama.cpp), one prompt
-    at a time, greedy, resumable from `partial_path` like the batched path.
+    """`generate_greedy` through a serving `tomelab.inference.ChatEngine` (e.g. llama.cpp), greedy,
+    resumable from `partial_path` like the batched path.
 
+    An engine with parallel slots (xllamacpp: `engine.backend.slots`) gets that many prompts at once,
+    longest first, and decodes them together (continuous batching: a finished answer frees its slot for
+    the next prompt at once, so nothing waits for the longest answer of a batch). Stops at end of turn.
     The partial file is re-read before each prompt, so a second worker walking the prompts from the
     other end (`reverse=True`, `tomelab eval --assist`) shares the work; appends are whole lines.
     """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from tomelab.inference import GenerationSettings
 
     done = read_partial(partial_path) if partial_path else {}
@@ -117,21 +123,40 @@ def generate_greedy_engine(
     if not todo:
         return done
     settings = GenerationSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, system_prompt="")
+    workers = max(1, int(getattr(engine.backend, "slots", 1)))
+    if workers > 1:  # longest prompts first: their answers tend to be long too, so the tail stays short
+        size = {pid: sum(len(m.get("content") or "") for m in msgs) for pid, msgs in todo}
+        todo.sort(key=lambda x: -size[x[0]])
     if partial_path:
         partial_path.parent.mkdir(parents=True, exist_ok=True)
     sink = partial_path.open("a", encoding="utf-8") if partial_path else None
+    lock = threading.Lock()
+
+    def answer(item: tuple[str, list[dict[str, str]]]) -> None:
+        pid, msgs = item
+        with lock:
+            if partial_path:
+                done.update(read_partial(partial_path))  # another worker may have answered it
+            if pid in done:
+                return
+        text = engine.generate(msgs, settings).text.strip()
+        with lock:
+            done[pid] = text
+            if sink:
+                sink.write(json.dumps({"id": pid, "output": text}, ensure_ascii=False) + "\n")
+                sink.flush()
+
     try:
-        with tqdm(total=len(todo), desc=f"{desc} ({engine.engine_name})", unit="item") as bar:
-            for pid, msgs in (reversed(todo) if reverse else todo):
-                if partial_path:
-                    done.update(read_partial(partial_path))  # another worker may have answered it
-                if pid not in done:
-                    text = engine.generate(msgs, settings).text.strip()
-                    done[pid] = text
-                    if sink:
-                        sink.write(json.dumps({"id": pid, "output": text}, ensure_ascii=False) + "\n")
-                        sink.flush()
-                bar.update(1)
+        with tqdm(total=len(todo), desc=f"{desc} ({engine.engine_name} x{workers})", unit="item") as bar:
+            order = list(reversed(todo)) if reverse else todo
+            if workers == 1:
+                for item in order:
+                    answer(item)
+                    bar.update(1)
+            else:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tomelab-evalgen") as pool:
+                    for _ in pool.map(answer, order):
+                        bar.update(1)
     finally:
         if sink:
             sink.close()
@@ -159,6 +184,35 @@ def assistant_token_mask(tokenizer: Any, messages: list[dict[str, str]], max_len
     return enc["input_ids"], mask
 
 
+def answer_window(tokenizer: Any, messages: list[dict[str, str]], *, answer_tokens: int,
+                  context_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 scoring mask for a fixed answer window of one conversation.
+
+    The window is the first `answer_tokens` tokens of the LAST assistant turn (its end-of-turn token
+    included when it fits), after at most `context_tokens` tokens of context, cut from the left. So no
+    item is dropped for length and every model scores the same answer tokens of every item. The mask
+    comes from the training code's own tokenisation (training.data.tokenize_conversation), so eval and
+    training agree on which tokens are "the answer".
+    """
+    from training.data import tokenize_conversation
+
+    ex = tokenize_conversation(tokenizer, "", messages)
+    mask = ex.loss_mask
+    trained = [i for i, m in enumerate(mask) if m]
+    if not trained:
+        raise ValueError("conversation has no assistant token")
+    end = trained[-1] + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    stop = min(end, start + answer_tokens)
+    lo = max(0, start - context_tokens)
+    if lo == start:  # position 0 is never predicted: keep one token of context
+        lo = max(0, start - 1)
+    ids = ex.input_ids[lo:stop]
+    return ids, [0] * (start - lo) + [1] * (stop - start)
+
+
 def assistant_nll(
     model: Any,
     tokenizer: Any,
@@ -167,12 +221,20 @@ def assistant_nll(
     max_length: int,
     tokens_per_batch: int = 8192,
     desc: str = "nll",
+    window: tuple[int, int] | None = None,
 ) -> dict[str, tuple[float, int]]:
-    """Per conversation: (mean NLL over assistant tokens, number of assistant tokens)."""
+    """Per conversation: (mean NLL over scored tokens, number of scored tokens).
+
+    `window=(answer_tokens, context_tokens)` scores a fixed answer window (see `answer_window`); without
+    it every assistant token of the conversation right-truncated at `max_length` is scored."""
     import torch
     import torch.nn.functional as F
 
-    encoded = {cid: assistant_token_mask(tokenizer, msgs, max_length) for cid, msgs in conversations}
+    if window:
+        encoded = {cid: answer_window(tokenizer, msgs, answer_tokens=window[0], context_tokens=window[1])
+                   for cid, msgs in conversations}
+    else:
+        encoded = {cid: assistant_token_mask(tokenizer, msgs, max_length) for cid, msgs in conversations}
     ids = sorted(encoded, key=lambda c: -len(encoded[c][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result: dict[str, tuple[float, int]] = {}

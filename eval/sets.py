@@ -117,6 +117,44 @@ def load_heldout(heldout_dir: str | Path) -> LoadedSet:
     return LoadedSet(items, table.num_rows, bad)
 
 
+def load_nll_extras(heldout_dir: str | Path, sc: Any) -> list[EvalItem]:
+    """Items scored by NLL only, beside the held-out test conversations: the validation slice (split
+    "val", where winners are chosen) and reference sets no variant trains on (split "alpaca": rows the
+    held-out mechanism kept out of every pool; split "gsm8k": GSM8K test solutions). Ids are prefixed
+    with the split so they never collide with test ids."""
+    import pyarrow.parquet as pq
+
+    hdir = Path(heldout_dir)
+    out: list[EvalItem] = []
+
+    def add(split: str, table_path: Path, limit: int | None) -> None:
+        t = pq.read_table(table_path, columns=["id", "messages"])
+        items = [EvalItem(id=f"{split}:{rid}", messages=m[:-1], reference=m[-1]["content"],
+                          extra={"conversation": m, "split": split})
+                 for rid, m in zip(t.column("id").to_pylist(), t.column("messages").to_pylist())
+                 if m and len(m) >= 2 and m[-1]["role"] == "assistant"]
+        out.extend(stable_subset(items, limit))
+
+    if sc.val:
+        add("val", hdir / "val.parquet", sc.reference_limit)
+    for ref in sc.references:
+        if ref == "alpaca":
+            p = hdir / "ref-alpaca.parquet"
+            if not p.is_file():
+                raise DataError(f"reference set {p} does not exist: add `reference_rows = {{alpaca = 300}}` to the "
+                                "recipes' [heldout] section (configs/variants/_base.toml) and re-run the ablation.")
+            add("alpaca", p, sc.reference_limit)
+        elif ref == "gsm8k":
+            rows, _ = _read_jsonl(default_path("gsm8k"), {"question": str, "answer": str})
+            items = [EvalItem(id=f"gsm8k:{lineno}", messages=[{"role": "user", "content": r["question"]}],
+                              reference=r["answer"],
+                              extra={"conversation": [{"role": "user", "content": r["question"]},
+                                                      {"role": "assistant", "content": r["answer"]}], "split": "gsm8k"})
+                     for lineno, r in rows]
+            out.extend(stable_subset(items, sc.reference_limit))
+    return out
+
+
 # --- scoring -------------------------------------------------------------------------------
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

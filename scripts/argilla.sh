@@ -12,7 +12,9 @@
 # Credentials: ARGILLA_PASSWORD / ARGILLA_API_KEY (owner `argilla`, workspace `argilla`) and
 # TOMELAB_ARGILLA_ANNOTATOR / _ANNOTATOR_PASSWORD / _ANNOTATOR_API_KEY (an annotator) are taken from
 # the environment when the data folder is first created; missing ones are generated and stored in
-# .argilla/credentials.env (mode 600, git-ignored). Nothing secret is committed.
+# .argilla/credentials.env (mode 600, git-ignored). Nothing secret is committed, printed, or passed
+# on a command line (where any user could read it from the process list): this script prints where
+# the credentials file is, and hands secrets to curl and argilla_server through stdin or the environment.
 #
 # Ports (env): TOMELAB_ARGILLA_PORT=6900, TOMELAB_ARGILLA_ES_PORT=9200, TOMELAB_ARGILLA_REDIS_PORT=6379.
 set -euo pipefail
@@ -112,8 +114,18 @@ server_env() {
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
-me_ok() {  # the readiness probe: /api/v1/me answers for the owner key
-    curl -sf -m 3 -H "X-Argilla-Api-Key: $ARGILLA_API_KEY" "$URL/api/v1/me" >/dev/null 2>&1
+me_ok() {  # the readiness probe: /api/v1/me answers for the owner key (sent via stdin, not argv)
+    printf 'header = "X-Argilla-Api-Key: %s"\n' "$ARGILLA_API_KEY" \
+        | curl -sf -m 3 -K - "$URL/api/v1/me" >/dev/null 2>&1
+}
+
+argilla_cli() {  # argilla_cli ARG... : `python -m argilla_server ARG...`, where an argument @VAR is
+    # replaced by the value of environment variable VAR inside the process, so no secret is in argv
+    "$VENV/bin/python" -c '
+import os, runpy, sys
+sys.argv = ["argilla_server"] + [os.environ[a[1:]] if a.startswith("@") else a for a in sys.argv[1:]]
+runpy.run_module("argilla_server", run_name="__main__", alter_sys=True)
+' "$@"
 }
 
 wait_for() {  # wait_for NAME SECONDS CMD...
@@ -132,10 +144,10 @@ spawn() {  # spawn NAME CMD... : run detached in its own session, pid in $RUN/NA
     echo $! > "$RUN/$name.pid"
 }
 
-print_login() {
+print_login() {  # never the passwords or keys themselves: they are in $CREDS (mode 600)
     echo "Argilla is up at $URL"
-    echo "  owner:     $ARGILLA_USERNAME / $ARGILLA_PASSWORD   (API key in $CREDS)"
-    echo "  annotator: $TOMELAB_ARGILLA_ANNOTATOR / $TOMELAB_ARGILLA_ANNOTATOR_PASSWORD"
+    echo "  owner:     $ARGILLA_USERNAME, annotator: $TOMELAB_ARGILLA_ANNOTATOR"
+    echo "  passwords and API keys: $CREDS (readable only by you)"
     echo "  tomelab review reads ARGILLA_API_URL / ARGILLA_API_KEY, else $CREDS"
 }
 
@@ -163,11 +175,11 @@ start() {
     if [ ! -f "$DATA/home/.tomelab-initialised" ]; then
         say "migrating the database and creating users"
         "$py" -m argilla_server database migrate >>"$LOGS/setup.log" 2>&1
-        "$py" -m argilla_server database users create_default \
-            --api-key "$ARGILLA_API_KEY" --password "$ARGILLA_PASSWORD" --quiet >>"$LOGS/setup.log" 2>&1
-        "$py" -m argilla_server database users create --username "$TOMELAB_ARGILLA_ANNOTATOR" \
-            --first-name Annotator --password "$TOMELAB_ARGILLA_ANNOTATOR_PASSWORD" \
-            --api-key "$TOMELAB_ARGILLA_ANNOTATOR_API_KEY" --role annotator \
+        argilla_cli database users create_default \
+            --api-key @ARGILLA_API_KEY --password @ARGILLA_PASSWORD --quiet >>"$LOGS/setup.log" 2>&1
+        argilla_cli database users create --username "$TOMELAB_ARGILLA_ANNOTATOR" \
+            --first-name Annotator --password @TOMELAB_ARGILLA_ANNOTATOR_PASSWORD \
+            --api-key @TOMELAB_ARGILLA_ANNOTATOR_API_KEY --role annotator \
             --workspace "$ARGILLA_USERNAME" >>"$LOGS/setup.log" 2>&1
         touch "$DATA/home/.tomelab-initialised"
     else
@@ -233,7 +245,9 @@ case "${1:-}" in
     stop) stop ;;
     restart) stop; start ;;
     status) status ;;
-    env) ensure_credentials; echo "export ARGILLA_API_URL=$URL ARGILLA_API_KEY=$ARGILLA_API_KEY" ;;
+    env)  # for eval "$(scripts/argilla.sh env)": the key is read from the file when evaluated, not printed
+        ensure_credentials
+        printf 'export ARGILLA_API_URL=%q ARGILLA_API_KEY="$(sed -n %q %q)"\n' "$URL" 's/^ARGILLA_API_KEY=//p' "$CREDS" ;;
     setup) setup_server ;;
     setup-browser) setup_browser ;;
     with) shift; [ "${1:-}" = "--" ] && shift; [ $# -gt 0 ] || die "usage: $0 with -- CMD..."; with_server "$@" ;;

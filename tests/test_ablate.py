@@ -30,8 +30,11 @@ SEEDS = [0, 1, 2]
 def _write_eval(ref: str, nll: np.ndarray, ifeval: np.ndarray) -> None:
     """Per-item outputs for one model, as `evaluate` writes them (ids shared by every model)."""
     d = evals_dir() / run_key(ref)
+    # test items and, with the same scores shifted by 0.01, validation items (where winners are chosen)
     write_jsonl(d / "heldout.jsonl", [{"id": f"h{i}", "scores": {"nll": float(v), "n_tokens": 10 + i % 7}}
-                                      for i, v in enumerate(nll)])
+                                      for i, v in enumerate(nll)]
+                + [{"id": f"val:h{i}", "scores": {"nll": float(v) + 0.01, "n_tokens": 10 + i % 7, "split": "val"}}
+                   for i, v in enumerate(nll)])
     write_jsonl(d / "ifeval.jsonl", [{"id": f"f{i}", "scores": {"prompt_strict": float(v), "inst_strict": float(v),
                                                                  "n_inst": 1 + i % 3}} for i, v in enumerate(ifeval)])
 
@@ -59,8 +62,7 @@ def _make_systems(home: Path) -> list[System]:
 
 def test_compare_finds_the_real_gain_and_not_the_noise(tmp_home: Path):
     systems = _make_systems(tmp_home)
-    rows = {(r.system, r.metric): r for r in compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"],
-                                                       ci=True, n_boot=500)}
+    rows = {(r.system, r.metric): r for r in compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"], ci=True)}
     better, same = rows[("better", "heldout_nll")], rows[("same", "heldout_nll")]
     assert better.delta.estimate == pytest.approx(-0.2, abs=0.02)
     assert better.delta.hi < 0  # the CI excludes zero: a real gain
@@ -69,12 +71,15 @@ def test_compare_finds_the_real_gain_and_not_the_noise(tmp_home: Path):
     assert better.spread["std"] < 0.01  # seed-to-seed spread is the injected noise
     assert rows[(BASE_ROW, "heldout_nll")].n_seeds == 1  # the base model is a row of its own
     assert rows[("random", "heldout_nll")].delta is None  # the baseline is not compared with itself
+    assert 0 < better.delta.mde < 0.1 and better.p_holm is not None and better.p_holm < 0.05
+    assert same.delta.bound >= abs(same.delta.estimate)  # a null is stated as a bound
 
 
 def test_nll_is_token_weighted(tmp_home: Path):
     systems = _make_systems(tmp_home)
     rows = {(r.system, r.metric): r for r in compare(systems, "random", ["heldout_nll"], ci=False)}
     per_item = [json.loads(x)["scores"] for x in (evals_dir() / run_key(systems[0].refs[0]) / "heldout.jsonl").open()]
+    per_item = [s for s in per_item if s.get("split", "test") == "test"]  # heldout_nll: test items only
     w = np.array([s["n_tokens"] for s in per_item])
     v = np.array([s["nll"] for s in per_item])
     assert rows[(BASE_ROW, "heldout_nll")].mean == pytest.approx(float((v * w).sum() / w.sum()))
@@ -83,16 +88,17 @@ def test_nll_is_token_weighted(tmp_home: Path):
 def test_leaderboard_csv_plots_and_winner(tmp_home: Path, tmp_path: Path):
     systems = _make_systems(tmp_home)
     cfg = AblationConfig(variants=["random", "better", "same"], train_config="x.toml", eval_config="y.toml",
-                         baseline="random", seeds=SEEDS, results_dir=str(tmp_path / "results"), n_bootstrap=300,
-                         metrics=["heldout_nll", "ifeval_prompt_strict", "ifeval_inst_strict"],
-                         winner=WinnerRule(metric="heldout_nll", tie_breaker="ifeval_prompt_strict"))
+                         baseline="random", seeds=SEEDS, results_dir=str(tmp_path / "results"),
+                         metrics=["heldout_nll", "val_nll", "ifeval_prompt_strict", "ifeval_inst_strict"],
+                         winner=WinnerRule(metric="val_nll", tie_breaker="val_nll"))
     out = write_results(cfg, Path("configs/ablation.toml"), systems, {}, "random")
     md = (out / "leaderboard.md").read_text()
-    assert "| better | 3 |" in md and f"| {BASE_ROW} | - |" in md
+    assert "| better | variant | 3 |" in md and f"| {BASE_ROW} | variant | - |" in md
     assert "**-0.2" in md  # the real gain is bold (its CI excludes 0)
     with (out / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4 * 3  # systems x metrics
+    assert len(table) == 4 * 4  # systems x metrics
+    assert {"mde", "p_holm", "bound", "answer_tokens", "precision"} <= set(table[0])
     better = next(r for r in table if r["system"] == "better" and r["metric"] == "heldout_nll")
     assert float(better["delta_hi"]) < 0 and float(better["delta_lo"]) < float(better["delta_hi"])
     for png in ("metrics.png", "loss_curves.png"):
@@ -101,7 +107,8 @@ def test_leaderboard_csv_plots_and_winner(tmp_home: Path, tmp_path: Path):
     assert {"variant", "base", "seed", "run_dir", "model_dir", "metrics", "rule"} <= set(win)
     assert win["variant"] == "better" and win["seed"] in SEEDS
     assert Path(win["run_dir"]).name == str(win["seed"])
-    assert "heldout_nll" in win["rule"]
+    assert not Path(win["run_dir"]).is_absolute() and win["run_dir"].startswith("runs/")  # relative to the home
+    assert "val_nll" in win["rule"]
 
 
 def test_curve_plot_places_arms_on_the_swept_training_key(tmp_home: Path, tmp_path: Path, monkeypatch):
@@ -111,8 +118,9 @@ def test_curve_plot_places_arms_on_the_swept_training_key(tmp_home: Path, tmp_pa
     for s, budget in zip(systems[1:], (1000, 3000, 12000)):
         s.train_config = TrainConfig(token_budget=budget)
     cfg = AblationConfig(variants=["random"], train_config="x.toml", eval_config="y.toml", baseline="random",
-                         seeds=SEEDS, results_dir=str(tmp_path / "results"), n_bootstrap=200,
-                         metrics=["heldout_nll", "ifeval_prompt_strict"], curve="token_budget",
+                         seeds=SEEDS, results_dir=str(tmp_path / "results"),
+                         metrics=["heldout_nll", "val_nll", "ifeval_prompt_strict"], curve="token_budget",
+                         winner=WinnerRule(metric="val_nll", tie_breaker="val_nll"),
                          arms=[Arm(name) for name in ("random", "better", "same")])
     seen = {}
     real_errorbar = __import__("matplotlib.axes", fromlist=["Axes"]).Axes.errorbar
@@ -132,15 +140,16 @@ def test_curve_plot_places_arms_on_the_swept_training_key(tmp_home: Path, tmp_pa
 
 def test_winner_tie_is_broken_by_the_tie_breaker(tmp_home: Path):
     systems = _make_systems(tmp_home)
-    rows = compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"], ci=False)
+    rows = compare(systems, "random", ["val_nll", "ifeval_prompt_strict"], ci=False)
     # On IFEval the three trained systems are within a few points: a wide tolerance makes them all tie,
-    # so the tie-breaker (NLL, lower is better) decides.
-    rule = WinnerRule(metric="ifeval_prompt_strict", tie_breaker="heldout_nll", tie_tolerance=1.0)
+    # so the tie-breaker (validation NLL, lower is better) decides.
+    rule = WinnerRule(metric="ifeval_prompt_strict", tie_breaker="val_nll", tie_tolerance=1.0)
+    assert not rule.on_validation  # chosen on test items: the leaderboard says so
     win, _, _ = pick_winner(rows, systems, rule)
     assert win.name == "better"
     # the untouched base model is never the winner, even when it is best on the rule's metric
-    worst_nll = WinnerRule(metric="heldout_nll", tie_breaker="ifeval_prompt_strict")
-    assert pick_winner(rows, systems, worst_nll)[0].trained
+    assert WinnerRule().on_validation
+    assert pick_winner(rows, systems, WinnerRule(metric="val_nll", tie_breaker="val_nll"))[0].trained
 
 
 def test_mismatched_items_are_only_compared_on_shared_items(tmp_home: Path):
@@ -180,7 +189,7 @@ class _Fakes:
         self.evaluated: list[str] = []
         self.train_calls = 0
 
-    def curate(self, recipe_path, force=False, progress=True):
+    def curate(self, recipe_path, force=False, progress=True, overrides=None):
         name = Path(recipe_path).stem
         vdir = paths.variants_dir() / name
         vdir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +216,9 @@ class _Fakes:
         self.evaluated.append(f"{out_dir.name}:{name}")
         shift = 0.1 * ("dedup" in str(out_dir))
         return [{"id": f"i{i}", "output": "x", "reference": "y",
-                 "scores": {"nll": 1.0 + i / 10 - shift, "n_tokens": 5}} for i in range(8)]
+                 "scores": {"nll": 1.0 + i / 10 - shift, "n_tokens": 5}} for i in range(8)] + [
+                {"id": f"val:i{i}", "output": None, "reference": "y",
+                 "scores": {"nll": 1.0 + i / 10 - shift, "n_tokens": 5, "split": "val"}} for i in range(8)]
 
 
 def _run(monkeypatch, tmp_path: Path, fakes: _Fakes, *, reverse: bool = False) -> Path:
@@ -221,13 +232,15 @@ def _run(monkeypatch, tmp_path: Path, fakes: _Fakes, *, reverse: bool = False) -
     monkeypatch.setattr(ev, "_evaluate_set", fakes.evaluate_set)
     monkeypatch.setattr(ev, "_load_set", lambda name, cfg, hd: ev.LoadedSet(
         [ev.EvalItem(f"i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": []}) for i in range(8)], 8, []))
-    (tmp_path / "eval.toml").write_text("[ifeval]\nenabled = false\n[gsm8k]\nenabled = false\n")
+    monkeypatch.setattr(ev, "load_nll_extras", lambda hd, sc: [ev.EvalItem(
+        f"val:i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": [], "split": "val"}) for i in range(8)])
+    (tmp_path / "eval.toml").write_text("[heldout]\nval = true\n[ifeval]\nenabled = false\n[gsm8k]\nenabled = false\n")
     (tmp_path / "train.toml").write_text("token_budget = 100\n")
     cfg = tmp_path / "abl.toml"
     cfg.write_text(f'variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1]\n'
                    f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
-                   f'results_dir = "{tmp_path / "results"}"\nn_bootstrap = 200\nmetrics = ["heldout_nll"]\n'
-                   f'[winner]\nmetric = "heldout_nll"\ntie_breaker = "heldout_nll"\n')
+                   f'results_dir = "{tmp_path / "results"}"\nmetrics = ["heldout_nll", "val_nll"]\n'
+                   f'[winner]\nmetric = "val_nll"\ntie_breaker = "val_nll"\n')
     return ablate.run_ablation(cfg, reverse=reverse)
 
 
@@ -324,7 +337,7 @@ def test_sweep_configs_load_and_plan(path: Path):
         assert "heldout_nll" not in cfg.metrics  # per-token NLL is not comparable across tokenizers
 
 
-@pytest.mark.parametrize(("ablation", "sweep_name"), [("ablation-small", "lora-rank"), ("ablation", "base-model")])
+@pytest.mark.parametrize(("ablation", "sweep_name"), [("ablation-small", "lora-rank"), ("ablation-small", "learning-rate")])
 def test_sweep_baseline_arm_reuses_the_ablation_runs(ablation: str, sweep_name: str):
     abl = load_config(f"configs/{ablation}.toml", AblationConfig)
     sweep = load_config(f"configs/sweeps/{sweep_name}.toml", AblationConfig)
@@ -370,3 +383,103 @@ def test_cross_tokenizer_nll_is_refused(tmp_home: Path):
     write_jsonl(d / "heldout.jsonl", recs)
     rows = compare(systems, "random", ["heldout_nll", "ifeval_prompt_strict"], ci=False)
     assert {r.metric for r in rows} == {"ifeval_prompt_strict"}
+
+
+# --- blocks and controls (issue 15): every block its own draw, controls judged on the first lines ------------
+
+
+class _BlockFakes(_Fakes):
+    """Per-item NLL = item difficulty + the variant's true effect + a per-block shift + item noise."""
+
+    EFFECT = {"random": 0.0, "random-aa": 0.0, "dedup": -0.04, "random@half": 0.06}
+
+    def __init__(self, home: Path):
+        super().__init__(home, crash_on_train=None)
+        self.curated: list[tuple[str, dict]] = []
+
+    def curate(self, recipe_path, force=False, progress=True, overrides=None):
+        self.curated.append((Path(recipe_path).stem, dict(overrides or {})))
+        name = (overrides or {}).get("name", Path(recipe_path).stem)
+        vdir = paths.variants_dir() / name
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / "stats.json").write_text(json.dumps({"variant": name, "heldout_dir": str(self.home / "heldout" / "k"),
+                                                     "stages": [{"stage": "load", "kept": 10}]}))
+        return vdir
+
+    def evaluate_set(self, name, items, cfg, model, tok, out_dir, tag, pool=None, engine=None):
+        variant, seed = out_dir.parent.parent.name, out_dir.name
+        key = variant.split(".b")[0] + ("@half" if variant.endswith("@half") else "")
+        block = 0.0 if out_dir.parent.name == "base" else 0.02 * np.sin(3 * int(seed) + 1)  # shared by a block's runs
+        rng = np.random.default_rng(abs(hash((variant, seed))) % (1 << 32))
+        effect = self.EFFECT.get(key, 0.3) if block or out_dir.parent.name != "base" else 0.3
+        recs = []
+        for split in ("test", "val"):
+            for i in range(40):
+                nll = 1.0 + (i % 9) / 5 + effect + block + rng.normal(0, 0.01)
+                recs.append({"id": ("val:" if split == "val" else "") + f"i{i}", "output": None, "reference": "y",
+                             "scores": {"nll": nll, "n_tokens": 5 + i % 4, "split": split}})
+        return recs
+
+
+def test_blocks_pair_draws_and_the_controls_are_judged_first(tmp_home: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    fakes = _BlockFakes(tmp_home)
+    import curation.pipeline
+    import training.train
+    from eval import evaluate as ev
+
+    monkeypatch.setattr(curation.pipeline, "curate", fakes.curate)
+    monkeypatch.setattr(training.train, "train_run", fakes.train_run)
+    monkeypatch.setattr(ev, "load_model_for_eval", fakes.load_model)
+    monkeypatch.setattr(ev, "_evaluate_set", fakes.evaluate_set)
+    monkeypatch.setattr(ev, "_load_set", lambda name, cfg, hd: ev.LoadedSet(
+        [ev.EvalItem(f"i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": []}) for i in range(40)], 40, []))
+    monkeypatch.setattr(ev, "load_nll_extras", lambda hd, sc: [ev.EvalItem(
+        f"val:i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": [], "split": "val"}) for i in range(40)])
+    (tmp_path / "eval.toml").write_text("[heldout]\nval = true\n[ifeval]\nenabled = false\n[gsm8k]\nenabled = false\n")
+    (tmp_path / "train.toml").write_text("token_budget = 100\n")
+    cfg = tmp_path / "abl.toml"
+    cfg.write_text(f'variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1, 2, 3, 4]\ndraw_rows = 50\n'
+                   f'negative_control = true\npositive_control = true\n'
+                   f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
+                   f'results_dir = "{tmp_path / "results"}"\nmetrics = ["heldout_nll", "val_nll"]\n'
+                   f'[winner]\nmetric = "val_nll"\ntie_breaker = "val_nll"\n')
+    out = ablate.run_ablation(cfg)
+    # each block is its own draw; the A/A control draws independently with the same training seed
+    draws = {(o["name"], o["draw_seed"], o["seed"]) for _, o in fakes.curated}
+    assert ("random.b3", 3, 3) in draws and ("dedup.b3", 3, 3) in draws
+    assert ("random-aa.b3", 3 + ablate.AA_DRAW_OFFSET, 3) in draws
+    assert sorted(fakes.trained)[:2] == ["dedup.b0/0", "dedup.b1/1"] and "random.b2@half/2" in fakes.trained
+    md = (out / "leaderboard.md").read_text().splitlines()
+    assert md[2].startswith("- **Positive control `random-half` detected**")
+    assert md[3].startswith("- **Negative control (A/A) `random-aa` covers 0**")
+    assert any("`dedup` vs `random`" in line and "better" in line for line in md[:8])
+    with (out / "leaderboard.csv").open() as f:
+        table = {(r["system"], r["metric"]): r for r in csv.DictReader(f)}
+    half, aa = table[("random-half", "heldout_nll")], table[("random-aa", "heldout_nll")]
+    assert half["role"] == "positive control" and float(half["delta_lo"]) > 0
+    assert float(aa["delta_lo"]) < 0 < float(aa["delta_hi"]) and float(aa["mde"]) > 0
+    win = json.loads((out / "winner.json").read_text())
+    assert win["system"] == "dedup" and win["variant"].startswith("dedup.b")  # controls never win
+    assert (out / "deltas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_at_different_precisions_are_not_compared(tmp_home: Path, tmp_path: Path):
+    systems = _make_systems(tmp_home)
+    for s in systems[1:]:
+        for i, rd in enumerate(s.refs):
+            (Path(rd) / "metrics.json").write_text(json.dumps({"base_dtype": "float32" if i else "bfloat16"}))
+    cfg = AblationConfig(variants=["random", "better", "same"], train_config="x.toml", eval_config="y.toml",
+                         baseline="random", seeds=SEEDS, results_dir=str(tmp_path / "results"),
+                         metrics=["heldout_nll", "val_nll"], winner=WinnerRule(metric="val_nll", tie_breaker="val_nll"))
+    with pytest.raises(TomelabError, match="different precisions.*bfloat16.*Pin `precision`"):
+        write_results(cfg, Path("configs/ablation.toml"), systems, {}, "random")
+    for s in systems[1:]:
+        for rd in s.refs:
+            (Path(rd) / "metrics.json").write_text(json.dumps({"base_dtype": "float32", "loss_tokens_seen": 900,
+                                                               "prompt_tokens_seen": 600}))
+    out = write_results(cfg, Path("configs/ablation.toml"), systems, {}, "random")
+    assert "Precision of every trained run: float32" in (out / "leaderboard.md").read_text()
+    with (out / "leaderboard.csv").open() as f:
+        row = next(r for r in csv.DictReader(f) if r["system"] == "better")
+    assert row["precision"] == "float32" and row["answer_tokens"] == "900" and row["prompt_tokens"] == "600"

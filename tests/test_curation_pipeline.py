@@ -228,7 +228,8 @@ def test_empty_source_is_a_data_error(curation_home: Path, tmp_path: Path) -> No
 
 def test_stage_dropping_every_row_fails_loudly_and_keeps_earlier_checkpoints(
         curation_home: Path, data_file: Path, tmp_path: Path) -> None:
-    body = "[exact_dedup]\nenabled = true\n[filters]\nenabled = [\"length\"]\nmin_response_tokens = 100000\n"
+    body = ("[exact_dedup]\nenabled = true\n[filters]\nenabled = [\"length\"]\nmin_response_tokens = 100000\n"
+            "max_response_tokens = 200000\n")
     with pytest.raises(TomelabError, match="'filters' would drop all.*Loosen the bounds in \\[filters\\]"):
         curate(write_recipe(tmp_path, "t-all", data_file, body), progress=False)
     stages = curation_home / "cache" / "stages"

@@ -140,6 +140,59 @@ def test_old_turns_are_dropped_first(engine: ChatEngine) -> None:
     assert "oldest" in fitted.note
 
 
+class _CountingTokenizer:
+    """The real tokenizer, counting how often it tokenises (apply_chat_template renders text only)."""
+
+    def __init__(self, tok) -> None:
+        self._tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def _history(n: int, words: int) -> list[dict[str, str]]:
+    h = []
+    for i in range(n):
+        h += [{"role": "user", "content": f"question {i} " + "lorem ipsum " * words},
+              {"role": "assistant", "content": f"answer {i} " + "dolor sit " * words}]
+    return h
+
+
+def test_fitting_a_long_history_tokenises_each_message_once(engine: ChatEngine) -> None:
+    """300 exchanges that must mostly be dropped: a constant number of tokenizer calls, not one per exchange."""
+    tok = _CountingTokenizer(engine.tokenizer)
+    msgs = render_messages(_history(300, 20), "the newest question", "sys")
+    fitted = fit_prompt(tok, msgs, 400, max_history_bytes=10**9, max_history_exchanges=10**6)
+    assert tok.calls <= 6, tok.calls  # the old loop made ~290 calls, each over the whole remaining history
+    assert len(fitted.ids) <= 400
+    text = engine.tokenizer.decode(fitted.ids)
+    assert "the newest question" in text and "question 299 " in text and "question 0 " not in text
+    # as many exchanges kept as fit: one more (the next oldest) would not
+    kept = 300 - fitted.dropped_turns
+    more = render_messages(_history(300, 20)[-2 * (kept + 1):], "the newest question", "sys")
+    assert len(fit_prompt(engine.tokenizer, more, 10**6).ids) > 400
+    assert fitted.note and f"the {fitted.dropped_turns} oldest" in fitted.note
+
+
+def test_huge_history_is_capped_unread_with_a_note(engine: ChatEngine) -> None:
+    """A ~1 MB history of 300 exchanges: the part beyond the caps is never tokenised."""
+    tok = _CountingTokenizer(engine.tokenizer)
+    history = _history(300, 150)  # ~1,650 bytes a message, ~1 MB in all
+    assert sum(len(m["content"]) for m in history) > 900_000
+    fitted = fit_prompt(tok, render_messages(history, "the newest question", "sys"), 1500,
+                        max_history_bytes=50_000, max_history_exchanges=100)
+    assert tok.calls <= 6, tok.calls
+    assert "not read" in fitted.note and "Conversation too long" in fitted.note
+    assert len(fitted.ids) <= 1500 and "question 299 " in engine.tokenizer.decode(fitted.ids)
+    capped = fit_prompt(engine.tokenizer, render_messages(_history(120, 1), "q", ""), 10**6, max_history_exchanges=100)
+    assert capped.dropped_turns == 20 and "the 20 oldest exchange(s) were not read" in capped.note
+    assert "question 19 " not in engine.tokenizer.decode(capped.ids) and "question 20 " in engine.tokenizer.decode(capped.ids)
+
+
 def test_long_request_streams_instead_of_failing(engine: ChatEngine) -> None:
     small = ChatEngine(engine.backend, engine.tokenizer, label="x", stop_ids=engine.stop_ids)
     engine.backend.context_length, saved = 160, engine.backend.context_length
@@ -212,9 +265,9 @@ def test_tie_gap_is_zero_for_the_same_token_and_positive_for_a_worse_one(engine:
     assert tie_gap(engine, p, [], first, (first + 1) % 49152) > 0  # greedy picked the most likely token
 
 
-@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not built here (see the README section Building llama-cpp-python)")
+@pytest.mark.skipif(not llama_cpp_available(), reason="no llama.cpp runtime (pip install xllamacpp)")
 def test_llama_cpp_streams_and_stops(engine: ChatEngine) -> None:
-    lc = load_engine("smollm2-135m-instruct", engine="llama.cpp", threads=2)
+    lc = load_engine("smollm2-135m-instruct", engine="llama.cpp", threads=1, guard=False)  # guard: test_engine_guard.py
     events = list(lc.stream_chat([], "What is 2 + 2? Answer with one number.", GenerationSettings(temperature=0.0, max_new_tokens=48)))
     assert len([e for e in events if not e.done]) >= 2
     # Q4_1 drifts from the fp32 answer ("The answer is 4."), so only the streaming and the stop are checked

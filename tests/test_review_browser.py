@@ -25,17 +25,17 @@ pytestmark = [pytest.mark.argilla, pytest.mark.browser]
 
 REPO = Path(__file__).resolve().parent.parent
 SELENIUM_PY = Path(os.environ.get("TOMELAB_SELENIUM_VENV", REPO / ".venv-selenium")) / "bin" / "python"
-SCREENSHOT = REPO / "artifacts" / "test-artifacts" / "review_browser.png"
 
 DRIVER = r'''
-import sys, time
+import os, sys, time
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 from selenium.webdriver.support import expected_conditions as EC
 
-url, user, password, dataset_id, label, shot, chromium, chromedriver = sys.argv[1:9]
+url, dataset_id, label, shot, chromium, chromedriver = sys.argv[1:7]
+user, password = os.environ["UI_USER"], os.environ["UI_PASSWORD"]  # never on the command line (ps shows it)
 opts = webdriver.ChromeOptions()
 for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
     opts.add_argument(a)
@@ -96,13 +96,14 @@ def test_annotator_submits_in_browser_and_pull_sees_it(tmp_home, shared_data, tm
         ds = review.find_dataset(client, cfg, name)
         script = tmp_path / "driver.py"
         script.write_text(DRIVER)
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shot = tmp_path / "review_browser.png"  # a test artefact under pytest's tmp dir, never in the repo
         # The suggestion pre-selects "drop" for the lowest-scored row: the human overrides it.
         proc = subprocess.run(
-            [str(SELENIUM_PY), str(script), target.url, creds["TOMELAB_ARGILLA_ANNOTATOR"],
-             creds["TOMELAB_ARGILLA_ANNOTATOR_PASSWORD"], str(ds.id), "keep", str(SCREENSHOT),
+            [str(SELENIUM_PY), str(script), target.url, str(ds.id), "keep", str(shot),
              shutil.which("chromium"), shutil.which("chromedriver")],
             capture_output=True, text=True, timeout=180,
+            env={**os.environ, "UI_USER": creds["TOMELAB_ARGILLA_ANNOTATOR"],
+                 "UI_PASSWORD": creds["TOMELAB_ARGILLA_ANNOTATOR_PASSWORD"]},
         )
         assert proc.returncode == 0 and "SUBMITTED" in proc.stdout, proc.stdout + proc.stderr
         st = review.pull(name, cfg, target)
@@ -110,7 +111,8 @@ def test_annotator_submits_in_browser_and_pull_sees_it(tmp_home, shared_data, tm
         lowest = df.sort("quality_score")["id"][0]
         assert st.kept == 1
         assert resp.select("id", "annotator", "decision", "status").rows() == [(lowest, "annotator", "keep", "submitted")]
-        assert SCREENSHOT.stat().st_size > 10_000
+        assert shot.stat().st_size > 10_000
+        print(f"\nscreenshot: {shot}")
     finally:
         ds = review.find_dataset(client, cfg, name)
         if ds is not None:

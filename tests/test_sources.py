@@ -178,3 +178,65 @@ def test_real_shared_data_row_counts(shared_data):
         for _, rec in stream_json_array(sharegpt_package_file()):
             last = rec
     assert last["id"] == "hlWUIwT_0"
+
+
+# ------------------------------------------------------------------------------- issue 16: silent loss at load
+
+
+def _reasons(r):
+    return [(q["reason"], q["row"]) for q in r.quarantine]
+
+
+def test_non_utf8_bytes_are_quarantined_never_replaced(tmp_path):
+    good = [json.dumps({"conversations": conv(("human", f"q{i}"), ("gpt", f"a{i}"))}).encode() for i in range(3)]
+    bad = json.dumps({"conversations": conv(("human", "caf\u00e9"), ("gpt", "x"))}).encode().replace(b"\\u00e9", b"\xe9")
+    p = tmp_path / "ft.jsonl"
+    p.write_bytes(b"\n".join([good[0], bad, good[1], good[2]]) + b"\n")
+    r = load_source(SourceConfig(name="ft", kind="finetome", path=str(p)))
+    assert _reasons(r) == [("bad_encoding", 2)] and r.stats.kept == 3 and r.stats.dropped == {"bad_encoding": 1}
+    assert "0xe9" in r.quarantine[0]["detail"]
+    assert "\ufffd" not in json.dumps(r.table.column("messages").to_pylist(), ensure_ascii=False)
+
+    # .json arrays (alpaca) and streamed ShareGPT: only the record holding the byte is quarantined
+    rows = [{"instruction": "i\u00e9" if i == 1 else f"i{i}", "input": "", "output": "o"} for i in range(3)]
+    pj = tmp_path / "a.json"
+    pj.write_bytes(json.dumps(rows, ensure_ascii=False).encode().replace("\u00e9".encode(), b"\xe9"))
+    r = load_source(SourceConfig(name="a", kind="alpaca", path=str(pj)))
+    assert _reasons(r) == [("bad_encoding", 2)] and r.stats.kept == 2
+    recs = [{"id": f"c{i}", "conversations": conv(("human", "\u00e9" if i == 1 else "q"), ("gpt", "a"))} for i in range(4)]
+    raw = json.dumps(recs, ensure_ascii=False).encode().replace("\u00e9".encode(), b"\xe9")
+    ps = tmp_path / "sg.json"
+    ps.write_bytes(raw[:-30])  # truncated inside the last record: byte offsets must still be exact
+    with pytest.warns(UserWarning, match="truncated") as w:
+        got = list(stream_json_array(ps, chunk_chars=16))
+    assert [type(r).__name__ for _, r in got] == ["dict", "_BadJson", "dict"]
+    assert raw[: w[0].message.offset].rstrip().endswith(b"}") and raw[w[0].message.offset:].startswith(b", {")
+
+
+def test_sharegpt_json_with_a_top_level_object_is_refused(tmp_path):
+    p = tmp_path / "sg.json"
+    p.write_text(json.dumps({"meta": {"n": 1}, "data": [{"conversations": conv(("human", "q"), ("gpt", "a"))}]}))
+    with pytest.raises(DataError, match="expected a JSON array of records at the top level.*JSON object"):
+        load_source(SourceConfig(name="sg", kind="sharegpt", path=str(p)))
+    p.write_text("  ")
+    with pytest.raises(DataError, match="file is empty"):
+        list(stream_json_array(p))
+
+
+def test_generic_non_text_is_bad_type_and_pathological_lines_are_quarantined(tmp_path):
+    p = tmp_path / "g.parquet"
+    pq.write_table(pa.table({"q": ["a", "b"], "a": [1, 2]}), p)  # numbers where text belongs
+    r = load_source(SourceConfig(name="g", kind="generic", path=str(p), columns=ColumnMapping(prompt="q", response="a")))
+    assert _reasons(r) == [("bad_type", 1), ("bad_type", 2)]
+    ok = json.dumps({"conversations": conv(("human", "q"), ("gpt", "a"))})
+    pl_ = tmp_path / "x.jsonl"
+    pl_.write_text("\n".join([ok, "[" * 200_000, '{"score": ' + "9" * 5000 + "}", ok]) + "\n")
+    r = load_source(SourceConfig(name="x", kind="finetome", path=str(pl_)))
+    assert _reasons(r) == [("bad_json", 2), ("bad_json", 3)] and r.stats.kept == 2
+
+
+def test_corrupt_parquet_is_one_clear_error(tmp_path):
+    p = tmp_path / "c.parquet"
+    p.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        load_source(SourceConfig(name="c", kind="finetome", path=str(p)))

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -132,6 +133,22 @@ def from_dict(cls: type[T], data: dict[str, Any], *, file: str = "<config>", pre
     return obj
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._@-]+")  # '@': sweep arms' alias variants (variant@sweep.arm)
+
+
+def safe_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a variant/run name (it becomes a folder and file name), or None if it can.
+
+    Allowed: letters, digits, `.`, `_`, `@` and `-`, not starting with a dot and without `..`, so a name
+    can never point outside artifacts/ or data_cards/ (`../x`, `/tmp/x`) or hide as a dotfile.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        return f"{name!r} may use only letters, digits, '.', '_', '@' and '-'"
+    if name.startswith(".") or ".." in name:
+        return f"{name!r} must not start with '.' or contain '..'"
+    return None
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, turning a missing file or a syntax error into a ConfigError."""
     p = Path(path)
@@ -140,16 +157,47 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             f"config file {p} does not exist. Check the path, or copy one from configs/ "
             f"(for example configs/variants/random.toml)."
         )
+    raw = p.read_bytes()
     try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}: line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; TOML files must be UTF-8. "
+            f"Re-save {p} as UTF-8."
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}. Fix the syntax at that line.") from None
 
 
-def load_config(path: str | Path, cls: type[T], *, section: str | None = None) -> T:
-    """Load TOML `path` (optionally one `[section]` of it) into dataclass `cls`."""
+def merge_tables(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `base`: tables merge recursively, anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = merge_tables(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML config with its `extends = "other.toml"` chain merged in (base first; the path is relative
+    to the file), so every config kind states only what differs from the one it extends."""
+    p = Path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"{path}: `extends` makes a cycle: {' -> '.join(str(s) for s in (*_seen, p))}.")
     data = read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` must be a file name such as \"small.toml\".")
+    return merge_tables(read_config_dict(p.parent / parent, (*_seen, p)), data)
+
+
+def load_config(path: str | Path, cls: type[T], *, section: str | None = None) -> T:
+    """Load TOML `path` (optionally one `[section]` of it) into dataclass `cls`, following `extends`."""
+    data = read_config_dict(path)
     if section is not None:
         if section not in data:
             raise ConfigError(f"{path}: missing section [{section}]. Add it to {path}.")

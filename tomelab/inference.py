@@ -24,8 +24,6 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
-import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,8 +31,20 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from tomelab import paths
+from tomelab.engines_native import (  # noqa: F401 - re-exported: callers import them from here
+    CONVERTER_SDIST_VERSION,
+    CTranslate2Backend,
+    LlamaCppBackend,
+    _default_threads,
+    ct2_model_dir,
+    ensure_converter,
+    export_ct2,
+    export_gguf,
+    gguf_path_for,
+)
+from tomelab.engines_xllama import XLlamaBackend, xllamacpp_available
 from tomelab.errors import TomelabError
-from tomelab.io import atomic_path, read_json, write_json
+from tomelab.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,30 +152,85 @@ def render_messages(history: Sequence[dict[str, str]], user_message: str, system
     return messages
 
 
-def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int) -> FittedPrompt:
+# Caps on the history one request may carry, applied before any tokenisation: the oldest exchanges
+# beyond them are not read (with a note). A 1 MB history of 300 exchanges took 109 s of CPU to fit when
+# every dropped exchange re-encoded the whole conversation.
+MAX_HISTORY_BYTES = 200_000
+MAX_HISTORY_EXCHANGES = 100
+
+
+def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int, *,
+               max_history_bytes: int = MAX_HISTORY_BYTES,
+               max_history_exchanges: int = MAX_HISTORY_EXCHANGES) -> FittedPrompt:
     """Token ids of the chat-templated prompt, cut to `max_prompt_tokens` with a visible note.
 
     Oldest user/assistant turns go first (the system prompt and the new message stay); if the new
     message alone is still too long, its middle is cut. Never raises for a long request.
+    Linear in the history: each message is tokenised once (one batched call) to estimate what dropping
+    the oldest exchanges saves, the prompt is encoded for that choice and corrected by one exchange at
+    a time only if the estimate was off; history beyond the byte/exchange caps is not read at all.
     """
 
     def encode(msgs: list[dict[str, str]]) -> list[int]:
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    ids = encode(messages)
-    if len(ids) <= max_prompt_tokens:
-        return FittedPrompt(ids, None)
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) : -1]
     last = messages[-1]
-    dropped = 0
-    while turns:
-        turns = turns[2:] if len(turns) >= 2 else []  # a user turn with its answer
-        dropped += 1
-        ids = encode(system + turns + [last])
-        if len(ids) <= max_prompt_tokens:
-            return FittedPrompt(ids, f"Conversation too long: the {dropped} oldest exchange(s) were left out.", dropped)
+    # exchanges = (user, assistant) pairs from the oldest; a lone leading turn counts as one exchange
+    starts = list(range(len(turns) % 2, len(turns), 2))
+    if len(turns) % 2:
+        starts = [0] + starts
+    capped = max(0, len(starts) - max_history_exchanges)
+    sizes = [sum(len(m["content"].encode("utf-8")) for m in turns[a:b])
+             for a, b in zip(starts, starts[1:] + [len(turns)])]
+    total = sum(sizes[capped:])
+    while capped < len(starts) and total > max_history_bytes:
+        total -= sizes[capped]
+        capped += 1
+    cap_note = (f"History too long (over {max_history_exchanges} exchanges or {max_history_bytes // 1000} kB): "
+                f"the {capped} oldest exchange(s) were not read." if capped else None)
+    starts = starts[capped:]
+    turns = turns[starts[0]:] if starts else []
+    starts = [a - (starts[0] if starts else 0) for a in starts]
+
+    def with_note(note: str | None) -> str | None:
+        return " ".join(n for n in (cap_note, note) if n) or None
+
+    ids = encode(system + turns + [last])
+    if len(ids) <= max_prompt_tokens:
+        return FittedPrompt(ids, with_note(None), capped)
+    base = encode(system + [last])
+    dropped = len(starts)
+    if turns and len(base) <= max_prompt_tokens:
+        lens = [len(x) for x in tokenizer([m["content"] for m in turns], add_special_tokens=False)["input_ids"]]
+        per_msg = (len(ids) - len(base) - sum(lens)) / len(turns)  # template tokens around each message
+        bounds = list(zip(starts, starts[1:] + [len(turns)]))
+        cost = [sum(lens[a:b]) + per_msg * (b - a) for a, b in bounds]
+        kept = len(ids) - len(base)  # estimated history tokens when keeping exchanges k..end
+        k = 0
+        while k < len(cost) and len(base) + kept > max_prompt_tokens:
+            kept -= cost[k]
+            k += 1
+        k0 = k
+        while k < len(starts):  # the estimate is close, not exact: correct one exchange at a time
+            ids = encode(system + turns[starts[k]:] + [last])
+            if len(ids) <= max_prompt_tokens:
+                break
+            k += 1
+        if k == k0 and 0 < k <= len(starts):  # it fitted at once: maybe one exchange fewer fits too
+            fewer = encode(system + turns[starts[k - 1]:] + [last])
+            if len(fewer) <= max_prompt_tokens:
+                k, ids = k - 1, fewer
+        if k < len(starts):
+            dropped = capped + k
+            return FittedPrompt(ids, with_note(f"Conversation too long: the {dropped} oldest exchange(s) were left out."),
+                                dropped)
+    dropped += capped
+    if len(base) <= max_prompt_tokens:
+        return FittedPrompt(base, with_note(f"Conversation too long: the {dropped} oldest exchange(s) were left out."),
+                            dropped)
     overhead = len(encode(system + [{"role": "user", "content": ""}]))
     budget = max(8, max_prompt_tokens - overhead - 8)
     msg_ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
@@ -178,7 +243,7 @@ def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens
     )
     if dropped:
         note += f" The {dropped} oldest exchange(s) were left out too."
-    return FittedPrompt(ids, note, dropped)
+    return FittedPrompt(ids, with_note(note), dropped)
 
 
 class _IncrementalText:
@@ -361,227 +426,6 @@ class TransformersBackend:
             raise errors[0]
 
 
-def _default_threads() -> int:
-    env = os.environ.get("TOMELAB_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-# --------------------------------------------------------------------------- llama.cpp
-
-
-class LlamaCppBackend:
-    """llama.cpp on a GGUF; one generation at a time per model (a llama context is not thread-safe)."""
-
-    name = "llama.cpp"
-
-    def __init__(self, gguf: str | Path, *, threads: int | None = None, context_length: int = 2048):
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:
-            raise TomelabError(
-                "llama.cpp engine needs llama-cpp-python. Build it with "
-                'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AVX2=ON '
-                '-DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python==0.3.36, or use --engine transformers.'
-            ) from e
-        self.gguf = Path(gguf)
-        self.threads = threads or _default_threads()
-        self.context_length = context_length
-        self.llm = Llama(
-            model_path=str(self.gguf), n_ctx=context_length, n_threads=self.threads,
-            n_threads_batch=self.threads, n_batch=512, verbose=False,
-        )
-        self.dtype = self.gguf.stem.rsplit("-", 1)[-1]
-        self._lock = threading.Lock()
-
-    def iter_tokens(
-        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
-    ) -> Iterator[int]:
-        greedy = settings.temperature == 0.0
-        with self._lock:
-            if settings.seed is not None:
-                self.llm.set_seed(settings.seed)
-            gen = self.llm.generate(
-                prompt_ids, top_k=0 if not greedy else 1, top_p=1.0 if greedy else settings.top_p,
-                min_p=0.0, temp=settings.temperature, repeat_penalty=1.0,
-            )
-            try:
-                for i, tid in enumerate(gen):
-                    if cancel.is_set():
-                        break
-                    yield int(tid)
-                    if int(tid) in stop_ids or i + 1 >= settings.max_new_tokens:
-                        break
-            finally:
-                gen.close()
-
-
-# --------------------------------------------------------------------------- CTranslate2
-
-
-def ct2_model_dir(model_dir: Path, quantization: str) -> Path:
-    """Where the CTranslate2 conversion of a HF folder lives (keyed like the GGUF cache)."""
-    model_dir = Path(model_dir).resolve()
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(model_dir.glob("*.safetensors")))
-    key = hashlib.sha256(f"{model_dir}|{stamp}".encode()).hexdigest()[:10]
-    return paths.cache_dir() / "ct2" / f"{model_dir.name}-{key}-{quantization}"
-
-
-def _passive_openmp() -> None:
-    """CTranslate2's OpenMP threads spin while idle; on a shared, busy CPU 2 threads then ran at
-    0.23 tok/s vs 3.0 with 1 thread (4.0 with 2 passive threads). Must be set before ctranslate2
-    starts its thread pool; an explicit user setting wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def export_ct2(model_dir: str | Path, quantization: str = "int8") -> Path:
-    """Convert a HF model folder to CTranslate2 once (weights stored as `quantization`); cached."""
-    _passive_openmp()
-    try:
-        from ctranslate2.converters import TransformersConverter
-    except ImportError as e:
-        raise TomelabError("the ctranslate2 engine needs `pip install 'ctranslate2>=4.8,<5'`.") from e
-    out = ct2_model_dir(Path(model_dir), quantization)
-    if (out / "model.bin").is_file():
-        return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.perf_counter()
-    TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
-    return out
-
-
-class CTranslate2Backend:
-    """CTranslate2's `Generator.generate_tokens` (streams ids); one generation at a time per model."""
-
-    name = "ctranslate2"
-
-    def __init__(self, ct2_dir: str | Path, tokenizer: Any, *, compute_type: str = "int8", threads: int | None = None,
-                 context_length: int = 2048):
-        _passive_openmp()
-        import ctranslate2
-
-        self.threads = threads or _default_threads()
-        self.context_length = context_length
-        self.tokenizer = tokenizer  # ct2 takes prompt tokens as strings
-        self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                               intra_threads=self.threads, inter_threads=1)
-        self.dtype = compute_type
-        self._lock = threading.Lock()
-
-    def iter_tokens(
-        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
-    ) -> Iterator[int]:
-        greedy = settings.temperature == 0.0
-        tokens = self.tokenizer.convert_ids_to_tokens(prompt_ids)
-        kwargs: dict[str, Any] = dict(max_length=settings.max_new_tokens, end_token=sorted(stop_ids))
-        if greedy:
-            kwargs.update(sampling_topk=1)
-        else:
-            kwargs.update(sampling_topk=0, sampling_topp=settings.top_p, sampling_temperature=settings.temperature)
-        with self._lock:
-            if settings.seed is not None:
-                import ctranslate2
-
-                ctranslate2.set_random_seed(settings.seed)
-            gen = self.generator.generate_tokens(tokens, **kwargs)
-            try:
-                for step in gen:
-                    if cancel.is_set():
-                        break
-                    yield int(step.token_id)
-            finally:
-                with contextlib.suppress(Exception):
-                    gen.close()
-
-
-# --------------------------------------------------------------------------- GGUF export
-
-
-def _converter_dir() -> Path:
-    return paths.home() / "tools" / "llama.cpp"
-
-
-def ensure_converter() -> Path:
-    """llama.cpp's `convert_hf_to_gguf.py` (not in the wheel): taken from the installed version's sdist.
-
-    Uses `$TOMELAB_LLAMACPP_SRC` (a llama.cpp checkout) when set; otherwise `pip download`s the
-    llama-cpp-python sdist once and keeps only the converter and its `gguf-py`.
-    """
-    env = os.environ.get("TOMELAB_LLAMACPP_SRC")
-    if env:
-        p = Path(env)
-        if not (p / "convert_hf_to_gguf.py").is_file():
-            raise TomelabError(f"TOMELAB_LLAMACPP_SRC={p} has no convert_hf_to_gguf.py; point it at a llama.cpp checkout.")
-        return p
-    dest = _converter_dir()
-    if (dest / "convert_hf_to_gguf.py").is_file():
-        return dest
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ver = version("llama_cpp_python")
-    except PackageNotFoundError:
-        raise TomelabError("llama-cpp-python is not installed, so there is no GGUF converter to fetch.") from None
-    dl = dest.parent / "sdist"
-    dl.mkdir(parents=True, exist_ok=True)
-    if not list(dl.glob(f"llama_cpp_python-{ver}.tar.gz")):
-        log.info("fetching the llama-cpp-python %s sdist for its GGUF converter (one-off, ~77 MB)", ver)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={ver}", "-d", str(dl)], check=True,
-        )
-    sdist = next(dl.glob(f"llama_cpp_python-{ver}.tar.gz"))
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    prefix = f"llama_cpp_python-{ver}/vendor/llama.cpp/"
-    keep = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/", "models/ggml-vocab")
-    with tarfile.open(sdist) as tf:
-        members = [m for m in tf.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(keep)]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        tf.extractall(tmp, members=members, filter="data")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
-
-
-def gguf_path_for(model_dir: Path, outtype: str) -> Path:
-    """Where the GGUF of a HF model folder lives, keyed by the folder and its weights' mtime."""
-    model_dir = Path(model_dir).resolve()
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(model_dir.glob("*.safetensors")))
-    key = hashlib.sha256(f"{model_dir}|{stamp}".encode()).hexdigest()[:10]
-    return paths.cache_dir() / "gguf" / f"{model_dir.name}-{key}" / f"model-{outtype}.gguf"
-
-
-def export_gguf(model_dir: str | Path, outtype: str = "f16") -> Path:
-    """Convert a HF model folder (a base model or merged fine-tune) to GGUF once; cached."""
-    model_dir = Path(model_dir)
-    out = gguf_path_for(model_dir, outtype)
-    if out.is_file():
-        return out
-    conv = ensure_converter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(conv / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with atomic_path(out) as tmp:
-        r = subprocess.run(
-            [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
-            env=env, capture_output=True, text=True,
-        )
-        if r.returncode != 0:
-            raise TomelabError(f"GGUF conversion of {model_dir} failed:\n{r.stderr[-2000:]}")
-    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
-    return out
-
-
 # --------------------------------------------------------------------------- loading and engine choice
 
 
@@ -720,7 +564,17 @@ def compare_greedy(reference: ChatEngine, candidate: ChatEngine, *, prompts: Seq
 
 
 def llama_cpp_available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+    """A llama.cpp runtime is installed: `xllamacpp` (prebuilt, preferred) or `llama-cpp-python`."""
+    return xllamacpp_available() or importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_backend(gguf: str | Path, *, threads: int | None = None, context_length: int = 2048,
+                      slots: int = 4) -> Any:
+    """llama.cpp on `gguf`: xllamacpp's embedded server (parallel slots, continuous batching) when
+    installed, else llama-cpp-python (one request at a time). `TOMELAB_LLAMACPP=llama-cpp-python` forces it."""
+    if xllamacpp_available() and os.environ.get("TOMELAB_LLAMACPP") != "llama-cpp-python":
+        return XLlamaBackend(gguf, threads=threads or 1, context_length=context_length, slots=slots)
+    return LlamaCppBackend(gguf, threads=threads, context_length=context_length)
 
 
 def source_gguf(ref: str) -> Path | None:
@@ -760,8 +614,10 @@ def pick_gguf(ref: str, model: Any, tokenizer: Any, gguf_type: str) -> Path:
 # transformers fp32 (`MATCH_CRITERION`); transformers is the fallback. The quantised ones fail the match
 # (Q4_1 3/8, q8_0 1/8, ct2 int8 1/8 prompts, first differences 0.01-0.44 nats apart); f16 and f32 pass
 # (8/8 on the base model; 7/8 + one 0.0014-nat tie on the README ablation's winner).
+# Quantised GGUFs (the source file, q8_0) are now gated by the held-out NLL quality guard instead
+# (`tomelab.engine_guard`), which asks whether they are measurably worse, not whether greedy text is equal.
 AUTO_ORDER = ("llama.cpp", "ctranslate2")
-AUTO_CANDIDATES = (("llama.cpp", "auto"), ("ctranslate2", "int8"), ("llama.cpp", "f16"), ("llama.cpp", "f32"),
+AUTO_CANDIDATES = (("llama.cpp", "auto"), ("llama.cpp", "q8_0"), ("ctranslate2", "int8"), ("llama.cpp", "f16"), ("llama.cpp", "f32"),
                    ("ctranslate2", "float32"))
 
 
@@ -770,13 +626,15 @@ def ctranslate2_available() -> bool:
 
 
 def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, threads: int | None,
-                 context_length: int, gguf_type: str, ct2_quantization: str, label: str, info: dict) -> ChatEngine:
+                 context_length: int, gguf_type: str, ct2_quantization: str, label: str, info: dict,
+                 slots: int = 4) -> ChatEngine:
     if kind == "llama.cpp":
         if not llama_cpp_available():
-            raise TomelabError("llama-cpp-python is not installed (see the README section Building llama-cpp-python for the build flags)")
+            raise TomelabError("no llama.cpp runtime: `pip install xllamacpp` (prebuilt wheel; `make setup` installs it)")
         gguf = pick_gguf(ref, model, tok, gguf_type)
-        backend: Any = LlamaCppBackend(gguf, threads=threads, context_length=context_length)
-        info = dict(info, weights=str(gguf))
+        backend: Any = llama_cpp_backend(gguf, threads=threads, context_length=context_length, slots=slots)
+        info = dict(info, weights=str(gguf), runtime=getattr(backend, "runtime", "llama-cpp-python"),
+                    slots=getattr(backend, "slots", 1))
     elif kind == "ctranslate2":
         if not ctranslate2_available():
             raise TomelabError("ctranslate2 is not installed: pip install 'ctranslate2>=4.8,<5'")
@@ -786,6 +644,26 @@ def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, t
     else:
         raise TomelabError(f"unknown engine {kind!r}; use auto, transformers, llama.cpp or ctranslate2")
     return ChatEngine(backend, tok, label=label, stop_ids=stop, info=info)
+
+
+def gguf_is_quantised(path: str | Path) -> bool:
+    """Whether a GGUF's weights are quantised (anything but all-f32 / mostly-f16 / mostly-bf16)."""
+    import gguf
+
+    field_ = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    ftype = int(field_.contents()) if field_ is not None else None
+    return ftype not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16)
+
+
+def _guard_report(ref: str, model: Any, tok: Any, quant: Path) -> dict:
+    """The quality guard of `quant` against the f16 GGUF of the same weights (cached per file)."""
+    from tomelab.engine_guard import cached_guard
+
+    report = cached_guard(quant, pick_gguf(ref, model, tok, "f16"), model, tok)
+    report.setdefault("summary", (f"{'PASS' if report['passed'] else 'REFUSED'}: held-out NLL diff {report['diff']:+.4f} nats "
+                                  f"(95% CI [{report['lo']:+.4f}, {report['hi']:+.4f}], MDE {report['mde']:.4f}, "
+                                  f"margin {report['margin']}, {report['n_items']} conversations)"))
+    return report
 
 
 def _match_report(reference: ChatEngine, candidate: ChatEngine, reference_ids: dict[str, list[int]]) -> dict:
@@ -813,13 +691,19 @@ def load_engine(
     ct2_quantization: str = "int8",
     context_length: int = 2048,
     info: dict | None = None,
+    slots: int = 4,
+    guard: bool = True,
 ) -> ChatEngine:
     """A ready `ChatEngine` for `ref` (base name, run dir or merged export).
 
     `auto` serves the first of `AUTO_CANDIDATES` that is installed and whose greedy outputs match the
     transformers fp32 reference (`compare_greedy`, checked once per weights and cached under
     `artifacts/cache/engine_choice/`); otherwise transformers `generate`. Naming an engine
-    serves it without the check (and fails loudly when it cannot load).
+    serves it without the check (and fails loudly when it cannot load). `slots`: concurrent requests
+    llama.cpp (xllamacpp) decodes together; others queue.
+    A quantised GGUF (Q4_1, q8_0, ...) is served only when it passes the quality guard
+    (`tomelab.engine_guard`: held-out NLL vs the f16 file, paired CI; verdict in `info["quality_guard"]`),
+    in `auto` and when named (`guard=False` skips it, for benchmarks of speed only).
     """
     if engine not in ("auto", "transformers", *AUTO_ORDER):
         raise TomelabError(f"unknown engine {engine!r}; use auto, transformers, {' or '.join(AUTO_ORDER)}")
@@ -840,12 +724,31 @@ def load_engine(
     for kind, weights in candidates:
         try:
             fast = _fast_engine(kind, ref, model, tok, stop, threads=threads, context_length=context_length,
-                                gguf_type=weights, ct2_quantization=weights, label=label, info=dict(info or {}))
+                                gguf_type=weights, ct2_quantization=weights, label=label, info=dict(info or {}),
+                                slots=slots)
         except (TomelabError, subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
             if engine != "auto":
                 raise TomelabError(f"cannot serve {ref} with {kind}: {e}") from e
             log.warning("%s (%s) unavailable for %s: %s", kind, weights, ref, e)
             reasons.append(f"{kind} {weights}: {str(e)[:120]}")
+            continue
+        if kind == "llama.cpp" and guard and gguf_is_quantised(fast.info["weights"]):
+            try:
+                g = _guard_report(ref, model, tok, Path(fast.info["weights"]))
+            except (TomelabError, OSError, RuntimeError, ValueError) as e:
+                if engine != "auto":
+                    raise TomelabError(f"quality guard of {fast.info['weights']} could not run: {e}") from e
+                reasons.append(f"{kind} {weights}: quality guard could not run ({str(e)[:120]})")
+                continue
+            fast.info["quality_guard"] = g
+            verdict = f"{Path(fast.info['weights']).name}: quality guard {g['summary']}"
+            if g["passed"]:
+                fast.info["engine_reason"] = verdict
+                return fast
+            if engine != "auto":
+                raise TomelabError(f"refusing to serve {ref} from {verdict}. Use a less quantised --gguf-type (f16).")
+            log.warning("%s (%s) on %s: %s", kind, weights, ref, verdict)
+            reasons.append(f"{kind} {weights} refused by the {verdict}")
             continue
         if engine != "auto":
             fast.info["engine_reason"] = f"requested ({Path(fast.info['weights']).name}, greedy match not checked)"

@@ -14,6 +14,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def current_umask() -> int:
+    """The process umask: from /proc (thread-safe), else by setting it and straight back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
@@ -24,6 +38,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600; give the file the mode a plain open() would have had.
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -81,3 +97,36 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
     return Path(path)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (temp name in the same folder, then os.replace).
+
+    The format is taken from `path`'s suffix, since the temp name ends in `.tmp`.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
+    return path
+
+
+def read_parquet_or_none(path: str | Path, *, as_polars: bool = False) -> Any:
+    """Read a parquet cache (a pyarrow Table, or a polars DataFrame with `as_polars`), or None when
+    it is missing, truncated or not parquet at all.
+
+    For caches that can be rebuilt: the caller recomputes instead of crashing on a half-file
+    (a disk-full or a copy from elsewhere can leave one even though our own writes are atomic).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    if as_polars:
+        import polars as pl
+
+        return pl.from_arrow(table)
+    return table

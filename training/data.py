@@ -167,8 +167,9 @@ def tokenize_rows(tok: Any, rows: list[tuple[str, list[dict[str, str]]]], max_le
 
 def plan_batches(examples: list[Example], *, seed: int, batch_size: int, grad_accum: int, token_budget: int,
                  epochs_cap: float, packing: str, source: str = "the variant",
-                 micro_batch_tokens: int = 0) -> list[list[list[int]]]:
-    """Optimiser steps, each a list of micro-batches of example indices, until `token_budget` tokens.
+                 micro_batch_tokens: int = 0, budget_unit: str = "tokens") -> list[list[list[int]]]:
+    """Optimiser steps, each a list of micro-batches of example indices, until `token_budget` tokens
+    (all tokens, or with budget_unit="answer_tokens" only the trained answer tokens).
 
     Each epoch is a fresh seeded shuffle; with packing="bucket", rows are sorted by length within
     windows of 50 micro-batches so a micro-batch pads little, and the micro-batches are shuffled again.
@@ -176,16 +177,20 @@ def plan_batches(examples: list[Example], *, seed: int, batch_size: int, grad_ac
     """
     if not examples:
         raise TomelabError(f"{source} has no usable training rows.")
-    tokens_per_epoch = sum(e.n_tokens for e in examples)
+    answer = budget_unit == "answer_tokens"
+    counted = [e.n_loss if answer else e.n_tokens for e in examples]
+    tokens_per_epoch = sum(counted)
     if tokens_per_epoch * epochs_cap < token_budget:
         need = math.ceil(token_budget / tokens_per_epoch * 100) / 100
         raise TomelabError(
-            f"token_budget {token_budget:,} is larger than {source} allows: it has {tokens_per_epoch:,} tokens "
+            f"token_budget {token_budget:,} is larger than {source} allows: it has {tokens_per_epoch:,} "
+            f"{'answer tokens' if answer else 'tokens'} "
             f"per epoch ({len(examples)} rows), x epochs_cap {epochs_cap} = {int(tokens_per_epoch * epochs_cap):,}. "
             f"Lower token_budget to at most {int(tokens_per_epoch * epochs_cap):,} or raise epochs_cap to {need}."
         )
     rng = np.random.default_rng(seed)
     lengths = np.array([e.n_tokens for e in examples])
+    counts = np.array(counted)
     steps: list[list[list[int]]] = []
     current: list[list[int]] = []
     seen = 0
@@ -207,7 +212,7 @@ def plan_batches(examples: list[Example], *, seed: int, batch_size: int, grad_ac
             micro = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
         for mb in micro:
             current.append(mb)
-            seen += int(lengths[mb].sum())
+            seen += int(counts[mb].sum())
             if len(current) == grad_accum:
                 steps.append(current)
                 current = []

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from tomelab.errors import TomelabError
-from tomelab.io import read_json, write_json
+from tomelab.io import current_umask, read_json, write_json
 from training.load import ADAPTER_DIR, EXPORT_INFO, find_run_dir, load_base_tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,6 @@ def adapter_digest(run_dir: Path) -> str:
 def export_run(ref: str | Path, *, out: str | Path | None = None, dtype: str = "float32", gguf: str | None = None,
                force: bool = False) -> Path:
     """Merge the adapter of run `ref` into its base; returns the merged folder (skipped if up to date)."""
-    import torch
-    from peft import PeftModel
-
-    from tomelab.models import load_model
-
     run_dir = find_run_dir(ref)
     if run_dir is None:
         raise TomelabError(
@@ -49,7 +46,8 @@ def export_run(ref: str | Path, *, out: str | Path | None = None, dtype: str = "
     if not (run_dir / "metrics.json").is_file():
         raise TomelabError(f"{run_dir} is not finished (no metrics.json). Finish it with `tomelab train` first.")
     info = read_json(run_dir / "config.json")
-    out_dir = Path(out) if out else run_dir / MERGED_DIR
+    out_dir = Path(out).expanduser().resolve() if out else run_dir / MERGED_DIR
+    _check_out_dir(out_dir)
     digest = adapter_digest(run_dir)
     marker = out_dir / EXPORT_INFO
     if marker.is_file() and not force:
@@ -59,24 +57,52 @@ def export_run(ref: str | Path, *, out: str | Path | None = None, dtype: str = "
             return _maybe_gguf(out_dir, gguf)
         raise TomelabError(f"{out_dir} holds an export of other weights or dtype. Re-run with --force to overwrite it.")
 
+    import torch  # heavy imports only once the arguments are known to be good
+    from peft import PeftModel
+
+    from tomelab.models import load_model
+
     t0 = time.perf_counter()
     base = info["base"]
     model = load_model(base, dtype="float32")  # merge in fp32, then cast: no double rounding
     model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR)).merge_and_unload()
     model = model.to(getattr(torch, dtype))
     tok = load_base_tokenizer(base)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    write_json(tmp / EXPORT_INFO, {
-        "variant": info.get("variant"), "base": base, "seed": info.get("seed"), "run_dir": str(run_dir),
-        "adapter_digest": digest, "dtype": dtype, "config_hash": info.get("config_hash"),
-    })
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # whole folder or nothing
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh hidden temp folder beside the target: never a name a user folder could already have
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / EXPORT_INFO, {
+            "variant": info.get("variant"), "base": base, "seed": info.get("seed"), "run_dir": str(run_dir),
+            "adapter_digest": digest, "dtype": dtype, "config_hash": info.get("config_hash"),
+        })
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        _check_out_dir(out_dir)  # still only ever an earlier export (or nothing) that gets replaced
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)  # whole folder or nothing
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("merged %s into %s (%s) in %.1fs", run_dir, out_dir, dtype, time.perf_counter() - t0)
     return _maybe_gguf(out_dir, gguf)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse any --out that already exists and is not an earlier export: an export replaces its folder whole.
+
+    Only a folder holding `tomelab_export.json` (an earlier export) is ever replaced, and only with
+    --force (or when it is an up-to-date export of the same weights, which is skipped untouched).
+    """
+    if not os.path.lexists(out_dir):
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink() and (out_dir / EXPORT_INFO).is_file():
+        return  # an earlier export: replaced only with --force, checked by the caller
+    raise TomelabError(
+        f"--out {out_dir} already exists and is not an earlier export (no {EXPORT_INFO} in it); "
+        f"refusing to replace it. Pass a folder that does not exist yet."
+    )
 
 
 def _maybe_gguf(out_dir: Path, outtype: str | None) -> Path:

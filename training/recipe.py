@@ -19,7 +19,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / 
 @dataclass
 class TrainConfig:
     # compute budget: the same number of trained tokens for every variant (not epochs)
-    token_budget: int = 200_000  # non-padding tokens fed through the model (prompt + answer)
+    token_budget: int = 200_000  # tokens per run, counted in `budget_unit`
+    # "tokens": every non-padding token fed through the model (prompt + answer); "answer_tokens": only the
+    # trained (loss) tokens, so a variant with longer prompts does not train on fewer answer tokens
+    budget_unit: Literal["tokens", "answer_tokens"] = "tokens"
     epochs_cap: float = 3.0  # refuse budgets that would need more passes over the data than this
     # optimiser and schedule
     learning_rate: float = 2e-4
@@ -40,6 +43,9 @@ class TrainConfig:
     # split a micro-batch whose padded size (rows x longest row) exceeds this many tokens (0: never).
     # Bounds peak memory (activations grow with it) without changing the rows of an optimiser step.
     micro_batch_tokens: int = 0
+    # recompute activations in the backward pass (transformers' gradient checkpointing): ~1/3 more compute,
+    # but a 2,560-token row trains in ~2 GB instead of ~10 GB, so two runs fit beside each other
+    gradient_checkpointing: bool = False
     # validation, checkpoints, early stopping
     eval_every: int = 50  # optimiser steps between validation-loss evaluations (0: only at the end)
     save_every: int = 25  # optimiser steps between resumable checkpoints (0: never)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tomelab import paths
-from tomelab.config import config_hash, to_dict
+from tomelab.config import config_hash, safe_name_problem, to_dict
 from tomelab.errors import TomelabError
 from tomelab.io import atomic_path, exclusive, read_json, write_json, write_jsonl
 from tomelab.models import find_spec, resolve_model
@@ -75,11 +75,30 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+def auto_precision_override() -> str | None:
+    """TOMELAB_PRECISION (bf16 or fp32): what `precision = "auto"` resolves to, if set."""
+    value = os.environ.get("TOMELAB_PRECISION", "").strip().lower()
+    if not value:
+        return None
+    if value not in ("bf16", "fp32"):
+        raise TomelabError(f"TOMELAB_PRECISION={value!r} is not valid: set it to bf16 or fp32, or unset it.")
+    return value
+
+
+def precision_of(dtype: str) -> str:
+    """The short precision name recorded with a run: bf16, fp32 or nf4."""
+    return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+
+
 def resolve_hardware(cfg: TrainConfig) -> tuple[str, str, str]:
     """(device, quantization, base dtype) for this machine.
 
     CUDA: 4-bit nf4 + double quant (QLoRA). CPU: plain LoRA, on bf16 weights only where the CPU
     has native bf16, else fp32 (see the README's measurements for both choices).
+
+    `precision = "auto"` thus differs between machines (and bf16 changes losses by ~0.5%, fp32 by
+    ~1e-5). The environment variable TOMELAB_PRECISION=bf16|fp32 forces what "auto" resolves to
+    (tests and cross-machine comparisons); an explicit `precision` in the config always wins.
     """
     import torch
 
@@ -91,8 +110,48 @@ def resolve_hardware(cfg: TrainConfig) -> tuple[str, str, str]:
         return device, quant, "nf4"
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+        precision = auto_precision_override() or ("bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32")
     return device, quant, "bfloat16" if precision == "bf16" else "float32"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The resumable state in `path`, or None (start over) when it is missing or not a plain checkpoint.
+
+    Loaded with weights_only=True: tensors and plain containers only, so a planted pickle can never
+    run code. A file that fails that (tampered, truncated, foreign) is only lost progress, so it is
+    set aside with a warning rather than trusted.
+    """
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("%s cannot be loaded safely (%s); ignoring it and starting over", path, first[:200])
+        return None
+    if not isinstance(ckpt, dict):
+        log.warning("%s is not a tomelab checkpoint; ignoring it and starting over", path)
+        return None
+    return ckpt
+
+
+def check_target_modules(model: Any, targets: list[str], base: str) -> None:
+    """Every `target_modules` entry must name a module of the base (as PEFT matches it: a dotted suffix)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            import torch
+
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and n})
+            raise TomelabError(
+                f"target_modules: {t!r} is not a module of {base}. Use \"all-linear\" or names from: "
+                f"{', '.join(linear)}. Fix `target_modules` in the train config."
+            )
 
 
 def peak_rss_mb() -> float:
@@ -192,7 +251,7 @@ def _load_model(base: str, quant: str, dtype: str, device: str) -> Any:
 
 # knobs added after runs were made: left out of the recorded recipe while at their default, so the
 # config hash of those runs (and their reuse by ablations and sweeps) is unchanged
-_OMIT_AT_DEFAULT = {"micro_batch_tokens": 0}
+_OMIT_AT_DEFAULT = {"micro_batch_tokens": 0, "budget_unit": "tokens", "gradient_checkpointing": False}
 
 
 def _recipe_for_hash(cfg: TrainConfig) -> dict[str, Any]:
@@ -239,6 +298,12 @@ def train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bo
     (without saving) after that optimiser step, as a kill -9 would. One process at a time trains a
     run dir: another one asking for it waits, then skips the finished run.
     """
+    problem = safe_name_problem(variant)
+    if problem:
+        raise TomelabError(f"--variant: {problem}; pass the name of a curated variant (artifacts/variants/<name>).")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TomelabError(f"--seed must be an integer >= 0, got {seed!r}.")
+    variant_paths(variant)  # an uncurated variant fails before any lock folder is made
     with exclusive(run_dir_for(variant, base, seed), "train"):
         return _train_run(variant, base, seed, cfg, force=force, _interrupt_after_step=_interrupt_after_step)
 
@@ -282,7 +347,8 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         raise TomelabError(f"{val_path}: no validation row has an answer token within max_length={cfg.max_length}.")
     steps = plan_batches(train_ex, seed=seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          token_budget=cfg.token_budget, epochs_cap=cfg.epochs_cap, packing=cfg.packing,
-                         source=f"variant {variant!r} ({train_path})", micro_batch_tokens=cfg.micro_batch_tokens)
+                         source=f"variant {variant!r} ({train_path})", micro_batch_tokens=cfg.micro_batch_tokens,
+                         budget_unit=cfg.budget_unit)
     total_steps = len(steps)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
@@ -302,10 +368,14 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
     torch.manual_seed(seed)
     model = _load_model(base, quant, dtype, device)
     targets: Any = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    if targets != "all-linear":
+        check_target_modules(model, targets, base)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)
     model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:  # same maths, less memory: activations are recomputed layer by layer
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_fn = AssistantLoss(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,8 +389,8 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
              "best_val": None, "bad_evals": 0, "stopped_early": False}
     ckpt_path = run_dir / CHECKPOINT
     digest = plan_digest(steps)
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         if ckpt.get("config_hash") == resolved["config_hash"] and ckpt.get("plan") == digest:
             set_peft_model_state_dict(model, ckpt["lora"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -416,6 +486,9 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         "stopped_early": state["stopped_early"],
         "tokens_seen": state["tokens"],
         "loss_tokens_seen": state["loss_tokens"],
+        "prompt_tokens_seen": state["tokens"] - state["loss_tokens"],  # context + template tokens, not trained
+        "rows_seen": sum(len(mb) for step in steps[: state["step"]] for mb in step),
+        "budget_unit": cfg.budget_unit,
         "tok_s": round(state["tokens"] / max(state["train_seconds"], 1e-9), 1),
         "train_seconds": round(state["train_seconds"], 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -425,6 +498,7 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         "device": device,
         "quantization": quant,
         "base_dtype": dtype,
+        "precision": precision_of(dtype),
         "threads": torch.get_num_threads(),
         "data": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
         "config_hash": resolved["config_hash"],

@@ -1,0 +1,137 @@
+"""llama.cpp through `xllamacpp`: llama.cpp's own server embedded in Python, as a prebuilt wheel.
+
+Why this runtime: it installs from PyPI with no compiler (llama-cpp-python builds ~5 min from source
+and segfaults here unless built with special flags), and its server schedules concurrent requests in
+`slots` parallel sequences with continuous batching, so concurrent chats and evaluation prompts are
+decoded together instead of queueing. Requests go through the in-process handler (no HTTP); the
+server's own listener binds 127.0.0.1 on a free port and is not used.
+
+Token ids in, token ids out: the prompt is the ids `ChatEngine` fitted, and each streamed chunk's
+`logprobs` (top 1) carries the sampled ids, so outputs compare token for token with transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from tomelab.errors import TomelabError
+
+
+def xllamacpp_available() -> bool:
+    return importlib.util.find_spec("xllamacpp") is not None
+
+
+def xllamacpp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xllamacpp")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _import() -> Any:
+    # llama.cpp's OpenMP workers spin while idle; on 2 shared cores 2 spinning threads ran at ~5 tok/s
+    # vs ~55 with 1 (../shared/NOTES.md). Must be set before the library (and its libgomp) loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import xllamacpp
+    except ImportError as e:
+        raise TomelabError("the llama.cpp engine needs `pip install xllamacpp` (prebuilt wheel, no compiler)") from e
+    return xllamacpp
+
+
+class XLlamaBackend:
+    """A GGUF served by an embedded llama.cpp server with `slots` parallel sequences (thread-safe).
+
+    Each `iter_tokens` call is one request; up to `slots` run at once, batched by llama.cpp (continuous
+    batching); more wait in its queue. `context_length` is per slot."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf: str | Path, *, threads: int | None = None, context_length: int = 2048, slots: int = 4):
+        xl = _import()
+        self.gguf = Path(gguf)
+        if not self.gguf.is_file():
+            raise TomelabError(f"GGUF file not found: {self.gguf}")
+        self.threads = max(1, threads or 1)
+        self.slots = max(1, int(slots))
+        self.context_length = context_length
+        self.dtype = self.gguf.stem.rsplit("-", 1)[-1]
+        self.runtime = f"xllamacpp {xllamacpp_version()}"
+        p = xl.CommonParams()
+        p.model.path = str(self.gguf)
+        p.n_ctx = context_length * self.slots  # split evenly between the slots (kv_unified off)
+        p.n_parallel = self.slots
+        p.kv_unified = False
+        p.cont_batching = True
+        p.n_batch = 512
+        p.cpuparams.n_threads = self.threads
+        p.cpuparams_batch.n_threads = self.threads
+        p.hostnames = ["127.0.0.1"]
+        p.port = 0  # a free loopback port; tomelab never calls it
+        p.n_threads_http = 1
+        p.verbosity = -1
+        try:
+            self.server = xl.Server(p)
+        except RuntimeError as e:
+            raise TomelabError(f"llama.cpp (xllamacpp) could not load {self.gguf}: {e}") from e
+        self.listening_address = self.server.listening_address
+        if "127.0.0.1" not in self.listening_address:
+            raise TomelabError(f"llama.cpp server bound {self.listening_address}, not 127.0.0.1")
+
+    def request(self, prompt_ids: list[int], settings: Any) -> dict:
+        greedy = settings.temperature == 0.0
+        req: dict[str, Any] = {
+            "prompt": [int(t) for t in prompt_ids], "max_tokens": int(settings.max_new_tokens), "stream": True,
+            "logprobs": 1, "temperature": float(settings.temperature), "top_p": 1.0 if greedy else float(settings.top_p),
+            "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "cache_prompt": True,
+        }
+        if settings.seed is not None:
+            req["seed"] = int(settings.seed)
+        return req
+
+    def iter_tokens(self, prompt_ids: list[int], settings: Any, stop_ids: set[int], cancel: threading.Event) -> Iterator[int]:
+        out: queue.Queue = queue.Queue()
+        end = object()
+        errors: list[BaseException] = []
+
+        def on_chunk(chunk: Any) -> bool:  # called by llama.cpp's handler; True stops (and cancels) the request
+            out.put(chunk)
+            return cancel.is_set()
+
+        def work() -> None:
+            try:
+                self.server.handle_completions(self.request(prompt_ids, settings), on_chunk)
+            except BaseException as e:  # surfaced in the consumer below
+                errors.append(e)
+            finally:
+                out.put(end)
+
+        th = threading.Thread(target=work, name="tomelab-xllama", daemon=True)
+        th.start()
+        try:
+            while True:
+                item = out.get()
+                if item is end:
+                    break
+                if not isinstance(item, dict) or "error" in item or "choices" not in item:
+                    err = item.get("error", item) if isinstance(item, dict) else item
+                    raise TomelabError(f"llama.cpp request failed: {str(err)[:300]}")
+                choice = item["choices"][0] if item["choices"] else {}
+                for c in (choice.get("logprobs") or {}).get("content") or []:
+                    yield int(c["id"])
+        finally:
+            cancel.set()
+            th.join(timeout=30)
+        if errors:
+            raise TomelabError(f"llama.cpp request failed: {errors[0]}") from errors[0]
+
+    def close(self) -> None:
+        """Stop the server now (it also stops when garbage-collected)."""
+        self.server = None  # type: ignore[assignment]
