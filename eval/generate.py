@@ -123,7 +123,7 @@ def generate_greedy_engine(
     if not todo:
         return done
     settings = GenerationSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, system_prompt="")
-    workers = max(1, int(getattr(engine.backend, "slots", 1)))
+    workers = max(1, int(getattr(getattr(engine, "backend", None), "slots", 1)))
     if workers > 1:  # longest prompts first: their answers tend to be long too, so the tail stays short
         size = {pid: sum(len(m.get("content") or "") for m in msgs) for pid, msgs in todo}
         todo.sort(key=lambda x: -size[x[0]])

@@ -121,6 +121,14 @@ def bootstrap_mean(
     )
 
 
+def _paired_matrices(a: np.ndarray | list, b: np.ndarray | list, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    sa, sb = _as_matrix(a, names[0]), _as_matrix(b, names[1])
+    if sa.shape[1] != sb.shape[1]:
+        raise TomelabError(f"{names[0]} has {sa.shape[1]} items but {names[1]} has {sb.shape[1]}: a paired "
+                           "comparison needs the same test items. Re-run both with the same eval config.")
+    return sa, sb
+
+
 def paired_bootstrap_diff(
     a: np.ndarray | list,
     b: np.ndarray | list,
@@ -138,12 +146,7 @@ def paired_bootstrap_diff(
     Items are resampled once per replicate and shared by a and b (paired); seeds are redrawn per
     system. A deterministic system (the untouched base model) passes min_seeds_a=1.
     """
-    sa, sb = _as_matrix(a, names[0]), _as_matrix(b, names[1])
-    if sa.shape[1] != sb.shape[1]:
-        raise TomelabError(
-            f"{names[0]} has {sa.shape[1]} items but {names[1]} has {sb.shape[1]}: a paired comparison needs "
-            "the same test items. Re-run both with the same eval config."
-        )
+    sa, sb = _paired_matrices(a, b, names)
     _check_seeds(sa.shape[0], names[0], min_seeds_a)
     _check_seeds(sb.shape[0], names[1], min_seeds_b)
     w = _weights(weights, sa.shape[1])
@@ -271,10 +274,7 @@ def block_diff(
     """metric(a) - metric(b), both (blocks x items) on the same items; row k of a and of b is block k
     (the same data draw and training seed), so differences are paired by block and by item.
     A deterministic system (the untouched base model) passes one row, repeated for every block."""
-    sa, sb = _as_matrix(a, names[0]), _as_matrix(b, names[1])
-    if sa.shape[1] != sb.shape[1]:
-        raise TomelabError(f"{names[0]} has {sa.shape[1]} items but {names[1]} has {sb.shape[1]}: a paired "
-                           "comparison needs the same test items. Re-run both with the same eval config.")
+    sa, sb = _paired_matrices(a, b, names)
     if sa.shape[0] == 1 and sb.shape[0] > 1:
         sa = np.repeat(sa, sb.shape[0], axis=0)
     if sb.shape[0] == 1 and sa.shape[0] > 1:

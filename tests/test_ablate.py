@@ -221,27 +221,34 @@ class _Fakes:
                  "scores": {"nll": 1.0 + i / 10 - shift, "n_tokens": 5, "split": "val"}} for i in range(8)]
 
 
-def _run(monkeypatch, tmp_path: Path, fakes: _Fakes, *, reverse: bool = False) -> Path:
+def _fake_world(monkeypatch, tmp_path: Path, fakes: _Fakes, n_items: int, head: str) -> Path:
+    """Patch the model side with `fakes` and write an ablation config (`head`: its first keys)."""
     import curation.pipeline
     import training.train
     from eval import evaluate as ev
+
+    def items(prefix: str, split: str | None) -> list:
+        extra = {"conversation": [], **({"split": split} if split else {})}
+        return [ev.EvalItem(f"{prefix}i{i}", [{"role": "user", "content": "q"}], "a", dict(extra)) for i in range(n_items)]
 
     monkeypatch.setattr(curation.pipeline, "curate", fakes.curate)
     monkeypatch.setattr(training.train, "train_run", fakes.train_run)
     monkeypatch.setattr(ev, "load_model_for_eval", fakes.load_model)
     monkeypatch.setattr(ev, "_evaluate_set", fakes.evaluate_set)
-    monkeypatch.setattr(ev, "_load_set", lambda name, cfg, hd: ev.LoadedSet(
-        [ev.EvalItem(f"i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": []}) for i in range(8)], 8, []))
-    monkeypatch.setattr(ev, "load_nll_extras", lambda hd, sc: [ev.EvalItem(
-        f"val:i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": [], "split": "val"}) for i in range(8)])
+    monkeypatch.setattr(ev, "_load_set", lambda name, cfg, hd: ev.LoadedSet(items("", None), n_items, []))
+    monkeypatch.setattr(ev, "load_nll_extras", lambda hd, sc: items("val:", "val"))
     (tmp_path / "eval.toml").write_text("[heldout]\nval = true\n[ifeval]\nenabled = false\n[gsm8k]\nenabled = false\n")
     (tmp_path / "train.toml").write_text("token_budget = 100\n")
     cfg = tmp_path / "abl.toml"
-    cfg.write_text(f'variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1]\n'
-                   f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
+    cfg.write_text(head + f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
                    f'results_dir = "{tmp_path / "results"}"\nmetrics = ["heldout_nll", "val_nll"]\n'
                    f'[winner]\nmetric = "val_nll"\ntie_breaker = "val_nll"\n')
-    return ablate.run_ablation(cfg, reverse=reverse)
+    return cfg
+
+
+def _run(monkeypatch, tmp_path: Path, fakes: _Fakes, *, reverse: bool = False) -> Path:
+    head = 'variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1]\n'
+    return ablate.run_ablation(_fake_world(monkeypatch, tmp_path, fakes, 8, head), reverse=reverse)
 
 
 def test_killed_ablation_resumes_where_it_stopped(tmp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -424,26 +431,9 @@ class _BlockFakes(_Fakes):
 def test_blocks_pair_draws_and_the_controls_are_judged_first(tmp_home: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch):
     fakes = _BlockFakes(tmp_home)
-    import curation.pipeline
-    import training.train
-    from eval import evaluate as ev
-
-    monkeypatch.setattr(curation.pipeline, "curate", fakes.curate)
-    monkeypatch.setattr(training.train, "train_run", fakes.train_run)
-    monkeypatch.setattr(ev, "load_model_for_eval", fakes.load_model)
-    monkeypatch.setattr(ev, "_evaluate_set", fakes.evaluate_set)
-    monkeypatch.setattr(ev, "_load_set", lambda name, cfg, hd: ev.LoadedSet(
-        [ev.EvalItem(f"i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": []}) for i in range(40)], 40, []))
-    monkeypatch.setattr(ev, "load_nll_extras", lambda hd, sc: [ev.EvalItem(
-        f"val:i{i}", [{"role": "user", "content": "q"}], "a", {"conversation": [], "split": "val"}) for i in range(40)])
-    (tmp_path / "eval.toml").write_text("[heldout]\nval = true\n[ifeval]\nenabled = false\n[gsm8k]\nenabled = false\n")
-    (tmp_path / "train.toml").write_text("token_budget = 100\n")
-    cfg = tmp_path / "abl.toml"
-    cfg.write_text(f'variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1, 2, 3, 4]\ndraw_rows = 50\n'
-                   f'negative_control = true\npositive_control = true\n'
-                   f'train_config = "{tmp_path / "train.toml"}"\neval_config = "{tmp_path / "eval.toml"}"\n'
-                   f'results_dir = "{tmp_path / "results"}"\nmetrics = ["heldout_nll", "val_nll"]\n'
-                   f'[winner]\nmetric = "val_nll"\ntie_breaker = "val_nll"\n')
+    head = ('variants = ["random", "dedup"]\nbaseline = "random"\nseeds = [0, 1, 2, 3, 4]\ndraw_rows = 50\n'
+            'negative_control = true\npositive_control = true\n')
+    cfg = _fake_world(monkeypatch, tmp_path, fakes, 40, head)
     out = ablate.run_ablation(cfg)
     # each block is its own draw; the A/A control draws independently with the same training seed
     draws = {(o["name"], o["draw_seed"], o["seed"]) for _, o in fakes.curated}

@@ -118,3 +118,30 @@ def test_ablation_config_checks_blocks_and_controls(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="twice"):
         load_config(p, AblationConfig)
     assert np.isfinite(cfg.draw_rows)
+
+
+def test_gradient_checkpointing_changes_memory_not_maths(smollm2_dir: Path) -> None:
+    """The option that lets 2,560-token rows train beside each other must give the same loss and gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tomelab.models import load_model
+    from training.data import Example, collate
+    from training.train import AssistantLoss
+
+    batch = collate([Example("x", list(range(1000, 1160)), [False] * 60 + [True] * 100)], 0)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(load_model("smollm2-135m-instruct", dtype="float32"),
+                               LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                          task_type="CAUSAL_LM"))
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss, n = AssistantLoss(model.get_base_model())(batch, "cpu")
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((float(loss) / n, grads))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
