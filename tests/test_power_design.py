@@ -145,3 +145,17 @@ def test_gradient_checkpointing_changes_memory_not_maths(smollm2_dir: Path) -> N
         results.append((float(loss) / n, grads))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_two_recipes_with_one_name_are_refused(curation_home: Path, tmp_path: Path) -> None:
+    from curation.pipeline import curate
+    from tomelab.errors import TomelabError
+
+    body = 'name = "same"\nbudget_rows = 20\n[[sources]]\nname = "alpaca"\nkind = "alpaca"\n[decontam]\nenabled = false\n'
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    first.write_text(body)
+    second.write_text(body.replace("budget_rows = 20", "budget_rows = 30"))
+    curate(first, progress=False)
+    curate(first, progress=False)  # the same file again: a rebuild, not a clash
+    with pytest.raises(TomelabError, match="already built from .*a.toml.*Rename one"):
+        curate(second, progress=False)
