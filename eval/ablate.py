@@ -88,8 +88,7 @@ def _curate_blocks(cfg: AblationConfig) -> tuple[dict[str, str], dict[str, dict]
     names: dict[str, str] = {}
     stats: dict[str, dict] = {}
     folders: dict[str, dict[int, str]] = {}
-    entries = list(cfg.variants)
-    for entry in entries:
+    for entry in cfg.variants:
         path = _recipe_path(cfg, entry)
         if not cfg.draw_rows:
             vdir = curate(path)
@@ -115,12 +114,13 @@ def _curate_blocks(cfg: AblationConfig) -> tuple[dict[str, str], dict[str, dict]
 
 def _systems(cfg: AblationConfig, cfg_path: Path, names: dict[str, str], folders: dict[str, dict[int, str]]) -> list[System]:
     systems = plan_systems(cfg, cfg_path, names)
+    baseline = cfg.baseline if cfg.arms else names[cfg.baseline]
+    for s in systems:
+        s.role = "baseline" if s.name == baseline else "variant"
     if not cfg.draw_rows:
         return systems
-    baseline = names[cfg.baseline]
     for s in systems:
         s.block_variants = dict(folders[s.name])
-        s.role = "baseline" if s.name == baseline else "variant"
     tcfg = systems[0].train_config
     if cfg.negative_control:
         systems.append(System(f"{baseline}-aa", [], [], base=cfg.base, train_config=tcfg, role="negative control",
