@@ -142,7 +142,7 @@ def test_gradient_checkpointing_changes_memory_not_maths(smollm2_dir: Path) -> N
         loss, n = AssistantLoss(model.get_base_model())(batch, "cpu")
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((float(loss) / n, grads))
+        results.append((float(loss.detach()) / n, grads))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
 
