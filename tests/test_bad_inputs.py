@@ -78,6 +78,15 @@ def test_bad_input(name: str, tmp_path: Path) -> None:
     (work / "case.json").unlink()
     for rel, parts in spec.get("generate", {}).items():
         (work / rel).write_text("".join(text * n for text, n in parts), encoding="utf-8")
+    for rel in spec.get("truncated_parquet", []):  # made here: no data file is committed
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"messages": ["x" * 40] * 20}), buf)
+        (work / rel).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     for rel, text in spec.get("home_files", {}).items():
         (home / rel).parent.mkdir(parents=True, exist_ok=True)
         (home / rel).write_text(text)
