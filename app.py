@@ -10,33 +10,50 @@ winner under results/ and the artefact home's results/, newest first. It binds 1
 The page is up at once: the served model loads on transformers in a background thread while faster
 engines are converted and checked (progress in the info panel), then swapped in.
 Requests go through Gradio's queue with a concurrency limit; over-long conversations are cut
-to fit the context with a visible note (see `tomelab.inference.fit_prompt`).
+to fit the context with a visible note (see `tomelab.engines.chat.fit_prompt`). Up to `--slots`
+requests reach a llama.cpp engine together (the queue lets at least that many through) and are
+decoded in its parallel slots; flags are generated from `AppConfig` (`tomelab.cli_flags`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tomelab import lab
+from tomelab.cli_flags import add_dataclass_args, dataclass_overrides, option
 from tomelab.config import load_config
+from tomelab.engines.chat import DEFAULT_SYSTEM_PROMPT, ChatEngine, GenerationSettings, StreamEvent
+from tomelab.engines.choice import AUTO_ORDER
+from tomelab.engines.pool import EnginePool
 from tomelab.errors import TomelabError
-from tomelab.engine_pool import EnginePool
-from tomelab.inference import AUTO_ORDER, DEFAULT_SYSTEM_PROMPT, ChatEngine, GenerationSettings, StreamEvent
 from tomelab.lab_ui import build_lab
-from tomelab.serving import (ModelEntry, Winner, banner, cards_dirs, default_roots, discover_winners, display_path,
-                             find_results_dirs, load_winner, model_entries, resolve_results_dir)
+from tomelab.serving import (
+    ModelEntry,
+    Winner,
+    banner,
+    cards_dirs,
+    default_roots,
+    discover_winners,
+    display_path,
+    find_results_dirs,
+    load_winner,
+    model_entries,
+    resolve_results_dir,
+)
 
 log = logging.getLogger("tomelab.app")
 
 DEFAULT_BASE = "smollm2-135m-instruct"
-ENGINES = ("auto", "transformers", *AUTO_ORDER)  # tomelab.inference.load_engine's choices
+ENGINES = ("auto", "transformers", *AUTO_ORDER)  # tomelab.engines.choice.load_engine's choices
 EXAMPLES = (
     "What is the capital of France?",
     "Give me three tips for a good night's sleep.",
@@ -47,32 +64,45 @@ EXAMPLES = (
 
 @dataclass
 class AppConfig:
-    """Serving settings; every field is also a `python app.py` flag."""
+    """Serving settings: the fields of an app TOML (`--config`), each also a flag (`tomelab.cli_flags`)."""
 
-    host: str = "127.0.0.1"
-    port: int = 7860
-    share: bool = False  # a public gradio.live link only when asked
-    engine: str = "auto"  # auto | transformers | one of tomelab.inference.AUTO_ORDER
-    threads: int = 0  # 0: all cores this process may use
-    base: str = DEFAULT_BASE  # served when there is no winner, and the compare partner
-    results_dir: str = ""  # "": every winner under results/ and <home>/results/; else that folder (`home:x` allowed)
-    data_cards_dir: str = "data_cards"
-    concurrency_limit: int = 2  # generations running at once (the rest wait in the queue)
-    max_queue: int = 64  # requests waiting beyond that are refused with "queue full"
-    max_loaded_models: int = 3
-    context_length: int = 2048
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    max_new_tokens_limit: int = 1024
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    examples: list[str] = field(default_factory=lambda: list(EXAMPLES))
+    host: str = option("127.0.0.1", "bind address (127.0.0.1: this machine only)")
+    port: int = option(7860, "port")
+    share: bool = option(False, "also create a public gradio.live link (off unless asked)")
+    engine: str = option("auto", "inference runtime; auto = the fastest that passes its check (greedy match with "
+                         "transformers fp32; the quality guard for quantised GGUFs)", choices=ENGINES)
+    threads: int = option(0, "CPU threads for generation (0: all cores this process may use)")
+    slots: int = option(4, "requests one llama.cpp engine decodes together (parallel slots, continuous batching)")
+    base: str = option(DEFAULT_BASE, "base model served when there is no winner, and the compare partner")
+    results_dir: str = option("", "serve the winner of this results folder (winner.json, leaderboard.csv; `home:x` "
+                              "allowed); default: offer every winner under results/ and the artefact home's results/",
+                              flag="--results")
+    data_cards_dir: str = option("data_cards", "folder of the data cards shown in the info panel and the Lab")
+    concurrency_limit: int = option(0, "generations running at once, the rest wait in the queue "
+                                    "(0: as many as --slots, so concurrent chats are batched)", flag="--concurrency")
+    max_queue: int = option(64, "requests waiting beyond that are refused with 'queue full'")
+    max_loaded_models: int = option(3, "models kept loaded at once")
+    context_length: int = option(2048, "context window of one request, in tokens")
+    temperature: float = option(0.7, "temperature the page starts with (0 = greedy)")
+    top_p: float = option(0.9, "top-p the page starts with")
+    max_new_tokens: int = option(256, "answer length (new tokens) the page starts with")
+    max_new_tokens_limit: int = option(1024, "longest answer the page allows")
+    system_prompt: str = option(DEFAULT_SYSTEM_PROMPT, "system prompt the page starts with")
+    examples: list[str] = option(default_factory=lambda: list(EXAMPLES), cli=False)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.concurrency_limit < 1 or self.max_queue < 1:
-            raise ValueError("concurrency_limit and max_queue must be >= 1")
+        if self.concurrency_limit < 0 or self.max_queue < 1 or self.slots < 1:
+            raise ValueError("slots and max_queue must be >= 1, concurrency_limit >= 0 (0: as many as slots)")
+        if self.engine != "transformers" and 0 < self.concurrency_limit < self.slots:
+            raise ValueError(f"concurrency_limit {self.concurrency_limit} < slots {self.slots}: llama.cpp's slots would "
+                             "never all be used; raise it (0 = as many as slots) or lower slots")
+
+    @property
+    def queue_concurrency(self) -> int:
+        """Generations Gradio's queue runs at once: at least `slots`, so they reach llama.cpp together."""
+        return self.concurrency_limit or self.slots
 
 
 # --------------------------------------------------------------------------- discovery (tomelab.serving)
@@ -95,7 +125,7 @@ def info_markdown(entry: ModelEntry, cfg: AppConfig, cards: list[Path]) -> str:
         parts.append("- base model, not fine-tuned by tomelab")
     else:
         parts.append(f"- variant `{entry.variant}`, base `{entry.base}`, seed {entry.seed}")
-    system = lab.BASE_ROW if entry.kind == "base" else entry.variant
+    system = lab.BASE_ROW if entry.kind == "base" else entry.leaderboard_system  # a sweep's row is its arm
     rows = lab.leaderboard_rows(entry.results_dir, system)
     if rows and entry.results_dir is not None:
         parts.append(f"\n**Leaderboard** (`{display_path(entry.results_dir / 'leaderboard.csv')}`, row `{system}`; "
@@ -108,7 +138,7 @@ def info_markdown(entry: ModelEntry, cfg: AppConfig, cards: list[Path]) -> str:
     if entry.variant:
         body, _ = lab.card(entry.variant, cards)
         lines = body.splitlines()
-        parts.append(f"\n**Data card** (excerpt; the whole card is in Lab → Data)\n\n" + "\n".join(lines[:16]).strip())
+        parts.append("\n**Data card** (excerpt; the whole card is in Lab → Data)\n\n" + "\n".join(lines[:16]).strip())
     return "\n".join(parts)
 
 
@@ -120,7 +150,7 @@ class ModelPool(EnginePool):
 
     def __init__(self, cfg: AppConfig, entries: list[ModelEntry]):
         super().__init__(entries, engine=cfg.engine, threads=cfg.threads or None, context_length=cfg.context_length,
-                         max_loaded=cfg.max_loaded_models)
+                         max_loaded=cfg.max_loaded_models, engine_slots=cfg.slots)
 
 
 def _settings(cfg: AppConfig, temperature: float, top_p: float, max_new_tokens: float, system_prompt: str) -> GenerationSettings:
@@ -275,7 +305,7 @@ def build_app(cfg: AppConfig, pool: ModelPool, banner_md: str, results_dirs: lis
         timer.tick(tick, [picker, pick_a, pick_b], [info, info_a, info_b, timer], api_name=False,
                    concurrency_limit=None, show_progress="hidden")
         demo.load(fill_lab, lab_in, lab_out, api_name=False, concurrency_limit=None)
-    demo.queue(default_concurrency_limit=cfg.concurrency_limit, max_size=cfg.max_queue)
+    demo.queue(default_concurrency_limit=cfg.queue_concurrency, max_size=cfg.max_queue)
     return demo
 
 
@@ -298,33 +328,15 @@ def create(cfg: AppConfig, *, preload: bool = True) -> Any:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="app TOML (fields of AppConfig); flags override it")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=None, help="port (default 7860)")
-    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    p.add_argument("--engine", choices=ENGINES, default=None,
-                   help="inference runtime; auto = the fastest whose greedy output matches transformers fp32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for generation (default: all)")
-    p.add_argument("--base", default=None, help=f"base model to serve/compare (default {DEFAULT_BASE})")
-    p.add_argument("--results", dest="results_dir", default=None,
-                   help="serve the winner of this results folder (winner.json, leaderboard.csv); "
-                        "default: offer every winner under results/ and the artefact home's results/")
-    p.add_argument("--concurrency", dest="concurrency_limit", type=int, default=None, help="generations at once (default 2)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None, help="default answer length")
+    add_dataclass_args(p, AppConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
     cfg = load_config(args.config, AppConfig) if args.config else AppConfig()
-    for name in ("host", "port", "engine", "threads", "base", "results_dir", "concurrency_limit", "max_new_tokens"):
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(cfg, name, v)
-    if args.share:
-        cfg.share = True
     try:
-        cfg.__post_init__()
+        return dataclasses.replace(cfg, **dataclass_overrides(args, AppConfig))
     except ValueError as e:
         raise TomelabError(f"bad flag value: {e}") from None
-    return cfg
 
 
 def serve(cfg: AppConfig) -> int:

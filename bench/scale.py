@@ -1,26 +1,64 @@
-"""Curation stages, local vs Ray Data (2 workers), on the bench pool: ratio, per-stage cost per row, peak memory.
+"""`tomelab curate` on N rows, LocalExecutor vs RayExecutor (2 workers), in one run: ratio, per-stage cost, peak memory.
 
     .venv/bin/python bench/scale.py [--rows 100000] [--workers 2]
 
-The pool is bench/curation.py's (real ShareGPT/Alpaca/GSM8K turn pairs plus injected duplicates).
-Both executors run the same stage list on the same prepared frame, in one run: heuristic filters and
-n-gram + embedding decontamination (row-local), MinHash (map -> shuffle -> reduce), exact and semantic
-dedup and the budget (global, on the driver). Prints per stage its kind, seconds and microseconds per
-row under each executor, the Ray/local ratio, whether both kept the same rows, peak RSS (this process
-plus its children, which include a local Ray's workers) and a linear 1M-row projection from the
-measured per-row costs (global stages grow faster than linearly; the projection says so).
+The pool is bench/curation.py's (real ShareGPT/Alpaca/GSM8K turn pairs plus injected duplicates). One
+recipe runs every stage kind but the model-based quality (IFD costs ~1 s per row here): held-out
+removal, heuristic filters and n-gram + embedding decontamination (row-local), MinHash (map -> shuffle
+-> reduce), exact and semantic dedup and the budget (global; semantic dedup embeds on the workers).
+Each side curates in its own fresh artefact home (artifacts/bench/scale-<side>/), so neither reuses
+the other's checkpoints or embedding cache. Prints per stage its kind, seconds and microseconds per row
+under each executor and the Ray/local ratio; per side the stage seconds, rows/s and peak RSS (this
+process plus its descendants, which include a local Ray's raylet and workers; Ray's shared-memory object
+store is counted in every process that maps it, so the Ray figure is an upper bound); whether both kept
+the same rows with the same drop reasons; and a linear 1M-row projection from the local per-row costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
+import tempfile
 import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+RECIPE = """name = "scale"
+budget_rows = {budget}
+seed = 0
+[[sources]]
+name = "pool"
+kind = "generic"
+path = "{data}"
+columns = {{messages = "messages", meta = ["bench_origin"]}}
+[heldout]
+test_rows = 300
+val_rows = 100
+[exact_dedup]
+enabled = true
+[minhash]
+enabled = true
+[filters]
+enabled = ["length", "language", "repetition", "refusal", "broken_turns", "truncated"]
+[decontam]
+model = "m2v"
+[[decontam.test_sets]]
+name = "gsm8k_test"
+path = "shared:gsm8k/test.jsonl"
+fields = ["question", "answer"]
+[[decontam.test_sets]]
+name = "ifeval"
+path = "shared:ifeval/input_data.jsonl"
+fields = ["prompt"]
+[semantic_dedup]
+enabled = true
+model = "m2v"
+"""
 
 
 class PeakRSS:
@@ -40,7 +78,7 @@ class PeakRSS:
                 pass
         return total / 2**20
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         def loop() -> None:
             while not self._stop.wait(0.2):
                 self.peak = max(self.peak, self._total())
@@ -55,35 +93,33 @@ class PeakRSS:
         self._t.join()
 
 
-def stages(n_rows: int):
-    from curation.decontam import DecontamStage
-    from curation.dedup import ExactDedupStage, MinHashStage, SemanticDedupStage
-    from curation.filters import FiltersStage
-    from curation.mixing import BudgetConfig, BudgetStage
-    from curation.recipe import (FILTER_NAMES, DecontamConfig, ExactDedupConfig, FiltersConfig, MinHashConfig,
-                                 SemanticDedupConfig, TestSetConfig)
+def fresh_home(real: Path, side: str) -> Path:
+    """<home>/bench/scale-<side>/artifacts, sharing only the converted models and the distilled m2v."""
+    from curation.embed import Embedder
 
-    tests = [TestSetConfig(name="gsm8k_test", path="shared:gsm8k/test.jsonl", fields=["question", "answer"]),
-             TestSetConfig(name="ifeval", path="shared:ifeval/input_data.jsonl", fields=["prompt"])]
-    budget = max(1, n_rows // 5)
-    return [ExactDedupStage(ExactDedupConfig(enabled=True)), MinHashStage(MinHashConfig(enabled=True)),
-            FiltersStage(FiltersConfig(enabled=list(FILTER_NAMES))),
-            DecontamStage(DecontamConfig(model="m2v", include_heldout=False, test_sets=tests), None),
-            SemanticDedupStage(SemanticDedupConfig(enabled=True, model="m2v")),
-            BudgetStage(BudgetConfig(budget_rows=budget, targets={"pool": budget}, seed=0))]
+    Embedder("m2v", cache_dir=real / "cache")  # distils once into the real cache if it is not there yet
+    home = real / "bench" / f"scale-{side}" / "artifacts"
+    shutil.rmtree(home.parent, ignore_errors=True)
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "models").symlink_to(real / "cache" / "models", target_is_directory=True)
+    if (real / "models").exists():
+        (home / "models").symlink_to(real / "models", target_is_directory=True)
+    return home
 
 
-def run(executor, frame) -> tuple[list[dict], list[int], float]:
-    out = []
-    t_all = time.perf_counter()
-    for st in stages(len(frame)):
-        t0 = time.perf_counter()
-        res = executor.run(st, frame)
-        sec = time.perf_counter() - t0
-        out.append({"stage": st.name, "kind": st.kind, "rows": len(frame), "s": sec,
-                    "us_per_row": 1e6 * sec / max(1, len(frame))})
-        frame = res.kept.drop([c for c in res.kept.columns if c.startswith("__")])
-    return out, frame["_row"].to_list(), time.perf_counter() - t_all
+def curate_side(real: Path, side: str, recipe: Path, executor) -> dict:
+    from curation.pipeline import curate
+
+    os.environ["TOMELAB_HOME"] = str(fresh_home(real, side))
+    with PeakRSS() as mem:
+        out = curate(recipe, progress=False, executor=executor)
+    stats = json.loads((out / "stats.json").read_text())
+    import polars as pl
+
+    dropped = pl.read_parquet(out / "dropped.parquet").select("id", "stage", "reason").rows()
+    stages = [s for s in stats["stages"] if not s["stage"].startswith("load:")]
+    return {"stages": stages, "seconds": sum(s["seconds"] for s in stages), "wall": stats["seconds"],
+            "peak": mem.peak, "train": pl.read_parquet(out / "train.parquet")["id"].to_list(), "dropped": dropped}
 
 
 def main() -> None:
@@ -96,42 +132,53 @@ def main() -> None:
     import ray
 
     from bench.curation import build_pool
+    from curation.decontam import DecontamStage
+    from curation.dedup import ExactDedupStage, MinHashStage, SemanticDedupStage
     from curation.executors import LocalExecutor, RayExecutor
-    from curation.frame import prepare
-    from curation.sources import SourceConfig, load_source
+    from curation.filters import FiltersStage
+    from curation.heldout import HeldoutStage
+    from curation.mixing import BudgetStage
+    from tomelab import paths
 
+    kinds = {c.name: c.kind for c in (HeldoutStage, ExactDedupStage, MinHashStage, FiltersStage, DecontamStage,
+                                      SemanticDedupStage, BudgetStage)}
+    real = paths.home()
+    bench = real / "bench"
     max_base = 0 if args.rows >= 100_000 else int(args.rows * 0.9)
-    data, _ = build_pool(args.rows, args.seed, REPO / "artifacts" / "bench" / f"pool-{args.rows}-{max_base}.parquet",
-                         max_base=max_base)
-    from curation.sources import ColumnMapping
+    data, _ = build_pool(args.rows, args.seed, bench / f"pool-{args.rows}-{max_base}.parquet", max_base=max_base)
+    recipe = bench / "scale.toml"
+    recipe.write_text(RECIPE.format(budget=max(1, args.rows // 5), data=data))
 
-    src = SourceConfig(name="pool", kind="generic", path=str(data),
-                       columns=ColumnMapping(messages="messages", meta=["bench_origin"]))
-    frame = prepare(load_source(src).table)
-    print(f"frame: {len(frame):,} rows", flush=True)
-
-    with PeakRSS() as mem_local:
-        local, kept_local, wall_local = run(LocalExecutor(), frame)
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    local = curate_side(real, "local", recipe, LocalExecutor())
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback cluster: no token written to ~/.ray
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     try:
-        with PeakRSS() as mem_ray:
-            ex = RayExecutor(workers=args.workers)
-            dist, kept_ray, wall_ray = run(ex, frame)
+        ex = RayExecutor(workers=args.workers)
+        dist = curate_side(real, "ray", recipe, ex)
+        ex.close()
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n| stage | kind | rows in | local s | local us/row | ray s | ray us/row | ray/local |")
+    print(f"\n{args.rows:,} rows, recipe {recipe}\n")
+    print("| stage | kind | rows in | local s | local us/row | ray s | ray us/row | ray/local |")
     print("|---|---|---|---|---|---|---|---|")
-    for a, b in zip(local, dist):
-        print(f"| {a['stage']} | {a['kind']} | {a['rows']:,} | {a['s']:.2f} | {a['us_per_row']:.1f} | {b['s']:.2f} | "
-              f"{b['us_per_row']:.1f} | {b['s'] / max(a['s'], 1e-9):.2f} |")
-    print(f"\ntotal: local {wall_local:.1f} s, ray ({args.workers} workers) {wall_ray:.1f} s, "
-          f"ray/local = {wall_ray / wall_local:.2f}; same kept rows: {kept_local == kept_ray}")
-    print(f"peak RSS (process + children): local {mem_local.peak:,.0f} MiB, ray {mem_ray.peak:,.0f} MiB")
-    proj = sum(a["us_per_row"] for a in local)  # us per row x 1M rows = seconds
-    print(f"1M-row projection (linear in the measured local per-row costs): {proj:,.0f} s on one process; "
-          f"global stages ({', '.join(a['stage'] for a in local if a['kind'] != 'row')}) grow faster than "
-          f"linearly and need the driver's memory for the whole frame")
+    for a, b in zip(local["stages"], dist["stages"]):
+        n = max(1, a["rows_in"])
+        print(f"| {a['stage']} | {kinds.get(a['stage'], '?')} | {a['rows_in']:,} | {a['seconds']:.2f} | "
+              f"{1e6 * a['seconds'] / n:.1f} | {b['seconds']:.2f} | {1e6 * b['seconds'] / n:.1f} | "
+              f"{b['seconds'] / max(a['seconds'], 1e-9):.2f} |")
+    for side, r in (("local", local), (f"ray ({args.workers} workers)", dist)):
+        print(f"{side}: stages {r['seconds']:.1f} s ({args.rows / max(r['seconds'], 1e-9):,.0f} rows/s), "
+              f"curate wall {r['wall']:.1f} s, peak RSS {r['peak']:,.0f} MiB")
+    print(f"ray/local (stage seconds) = {dist['seconds'] / max(local['seconds'], 1e-9):.2f}; "
+          f"same kept rows: {local['train'] == dist['train']}; "
+          f"same dropped (id, stage, reason): {local['dropped'] == dist['dropped']}")
+    proj = sum(1e6 * a["seconds"] / max(1, a["rows_in"]) for a in local["stages"])  # us/row x 1M rows = s
+    glob = ", ".join(a["stage"] for a in local["stages"] if kinds.get(a["stage"]) != "row")
+    print(f"1M-row projection (linear in the local per-row costs): {proj:,.0f} s in one process; the "
+          f"non-row-local stages ({glob}) grow faster than linearly and hold the whole frame on the driver")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def _val_loss(causal_lm, examples, pad_id: int, batch_size: int) -> float:
 def worker_tomelab(args: argparse.Namespace) -> dict:
     from dataclasses import replace
 
-    from training.train import METRICS, train_run
     from tomelab.io import read_json
+    from training.train import METRICS, train_run
 
     cfg = _bench_config(args, args.token_budget)
     if args.micro_batch and args.micro_batch < cfg.batch_size:  # same optimiser batch, fewer activations held at once
@@ -106,8 +106,8 @@ def worker_trl(args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from training.data import read_conversations, variant_paths
     from tomelab.models import load_model
+    from training.data import read_conversations, variant_paths
 
     cfg = _bench_config(args, args.token_budget)
     tok, val_ex = _val_examples(args.base, cfg.max_length)

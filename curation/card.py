@@ -2,18 +2,23 @@
 
 The card is the committed record of a variant: lineage (sources, their content fingerprints,
 the config hash), the funnel per stage and per drop reason, the source mix, token-length
-statistics and the rows each test set removed in decontamination.
+statistics and the rows each test set removed in decontamination. A reviewed variant
+(`tomelab review apply`) gets a shorter card: what each human decision changed (`review_card`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from curation.recipe import Recipe
-from tomelab.io import atomic_path, write_text
+from tomelab.io import pyplot, save_figure, write_text
+
+if TYPE_CHECKING:
+    from curation.review.config import ReviewConfig
+    from tomelab.stats import StageStats
 
 LICENSES = {"sharegpt": "other (ShareGPT terms)", "alpaca": "cc-by-nc-4.0", "gsm8k": "mit",
             "self_instruct": "apache-2.0", "finetome": "mit"}
@@ -42,11 +47,7 @@ def _size_category(n: int) -> str:
 
 def funnel_png(stats: dict[str, Any], path: Path) -> None:
     """Horizontal bars: rows remaining after each stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stages = [s for s in stats["stages"] if not s["stage"].startswith("load:")]
     loaded = sum(s["kept"] for s in stats["stages"] if s["stage"].startswith("load:"))
     labels = ["loaded"] + [s["stage"] for s in stages]
@@ -59,8 +60,7 @@ def funnel_png(stats: dict[str, Any], path: Path) -> None:
     ax.set_title(f"curation funnel: {stats['variant']}")
     ax.set_xlim(0, max(values) * 1.18 if values and max(values) else 1)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -141,3 +141,54 @@ def write_card(recipe: Recipe, stats: dict[str, Any], train: pl.DataFrame, cards
     md = cards_dir / f"{recipe.name}.md"
     write_text(md, render_card(recipe, stats, train, png.name))
     return md
+
+
+def review_card(name: str, parent: str, st: StageStats, changes: dict[str, int], agreement: dict[str, Any] | None,
+                cfg: ReviewConfig) -> str:
+    """A short HF-style card: what each human decision changed, and propagation agreement."""
+    command = f"tomelab review apply --variant {parent}"
+    if cfg.extend_k > 0:
+        command += f" --extend-k {cfg.extend_k} --extend-min-similarity {cfg.extend_min_similarity} --holdout-share {cfg.holdout_share}"
+    lines = [
+        "---",
+        "tags: [tomelab, human-review, argilla]",
+        "---",
+        f"# {name}",
+        "",
+        f"Variant `{parent}` after human review in Argilla (`{command}`).",
+        f"Rows: {st.rows_in} in, {st.kept} kept, {st.n_dropped} dropped by review; "
+        f"{st.extra['labelled_rows']} rows labelled by {st.extra['annotators']} annotator(s).",
+        "",
+        "## What each decision changed",
+        "",
+        "| decision | rows changed |",
+        "|---|---|",
+        f"| human: drop | {changes['human_drop']} |",
+        f"| human: corrected response | {changes['human_correction']} |",
+        f"| human: keep (unchanged) | {changes['human_keep_unchanged']} |",
+        f"| human: quality rating only | {changes['quality_only']} |",
+    ]
+    if cfg.extend_k > 0:
+        lines += [
+            f"| propagated (k={cfg.extend_k}, cos>={cfg.extend_min_similarity}): drop | {changes['propagated_drop']} |",
+            f"| propagated: keep | {changes['propagated_keep']} |",
+            "",
+            "## Label propagation agreement",
+            "",
+        ]
+        if agreement and agreement.get("agreement") is not None:
+            lines.append(
+                f"On a held-out {cfg.holdout_share:.0%} of the human-labelled rows ({agreement['held_out']} rows, "
+                f"{agreement['covered']} with a neighbour above the similarity threshold), the nearest-neighbour vote "
+                f"agreed with the human label on **{agreement['agreement']:.1%}** (always-majority baseline: "
+                f"{agreement['majority_baseline']:.1%})."
+            )
+        else:
+            lines.append(f"Not measured: {(agreement or {}).get('note', 'no held-out row had a neighbour above the threshold')}.")
+    lines += [
+        "",
+        "Dropped rows are in `dropped.parquet` with `stage = human_review`; corrected rows get a new id "
+        "(the content hash) and keep the old one in `meta.review_parent_id`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 
 from curation.frame import StageResult, split_result
-from curation.stage import MAP_PREFIX, Need, Stage
 from curation.recipe import ExactDedupConfig, MinHashConfig, SemanticDedupConfig
+from curation.stage import MAP_PREFIX, Need, Stage
 from tomelab.stats import Timer
 
 log = logging.getLogger(__name__)
@@ -232,9 +232,15 @@ class MinHashStage(Stage):
         return pl.DataFrame({"key": keys, "_row": out_rows}, schema={"key": pl.String, "_row": pl.Int64})
 
     def reduce(self, group: pl.DataFrame) -> pl.DataFrame:
-        rows = sorted(set(group["_row"].to_list()))
-        a = [x for i, x in enumerate(rows) for _ in rows[i + 1:]]
-        b = [y for i in range(len(rows)) for y in rows[i + 1:]]
+        """Candidate pairs (a < b) among the rows that share a band key, for every key in `group`."""
+        buckets = (group.select("key", "_row").unique().group_by("key").agg(pl.col("_row").sort())
+                   .filter(pl.col("_row").list.len() > 1))
+        a: list[int] = []
+        b: list[int] = []
+        for rows in buckets["_row"].to_list():
+            for i, x in enumerate(rows):
+                a += [x] * (len(rows) - i - 1)
+                b += rows[i + 1:]
         return pl.DataFrame({"a": a, "b": b}, schema={"a": pl.Int64, "b": pl.Int64})
 
     def finish(self, frame: pl.DataFrame, reduced: pl.DataFrame) -> StageResult:

@@ -24,7 +24,7 @@ import numpy as np
 
 from tomelab import paths
 from tomelab.errors import TomelabError
-from tomelab.io import atomic_path
+from tomelab.io import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,8 @@ def _m2v_dir(cache_dir: Path) -> Path:
         raise TomelabError(f"the m2v embedder needs `pip install \"model2vec[distill]\"` ({e}).") from None
     log.info("distilling all-MiniLM-L6-v2 into a static model2vec model (one-off, ~15 s)")
     model = distill(model_name=str(minilm_dir()), pca_dims=M2V_PCA_DIMS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # the cached model appears whole or not at all
+    with atomic_dir(out) as tmp:  # the cached model appears whole or not at all
+        model.save_pretrained(str(tmp))
     return out
 
 

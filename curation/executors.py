@@ -2,11 +2,12 @@
 
 Executors only launch work; what a stage computes is the same wherever it runs:
 - row stages: the frame is cut into Arrow blocks; each block goes through `stage.run` (Ray:
-  `map_batches` on an actor pool, so a stage's `setup`, and the model it needs, runs once per actor);
+  `map_batches` on an actor pool when the stage `needs` a model, so its `setup`, and the model, run once
+  per actor; as plain Ray tasks on the pooled workers otherwise);
 - global stages: `stage.run` on the whole frame in this process (the driver), after any row-local
   `map` (embeddings) has been computed block by block;
 - map_reduce stages: locally `stage.run` in one process; on Ray `map` -> `keys` -> shuffle
-  (`groupby(key).map_groups`) -> `reduce`, then `finish` on the driver.
+  (`groupby` on a hash partition of the key, `map_groups`) -> `reduce`, then `finish` on the driver.
 The executor also loads what a stage `needs` (embedders, scorers) and owns the progress display.
 """
 
@@ -21,13 +22,16 @@ import polars as pl
 import pyarrow as pa
 
 from curation.frame import StageResult, split_result
-from curation.stage import MAP_PREFIX, Need, Quiet, Stage, load_need, merge_results
+from curation.stage import MAP_PREFIX, Quiet, Stage, load_need, merge_results
+from tomelab import paths
+from tomelab.config import config_hash
 from tomelab.errors import ConfigError
 from tomelab.stats import Timer
 
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 10_000  # rows per block handed to one `run`/`map` call
+PART = "__part"  # the shuffle partition column of a map_reduce stage's keys
 _ENV = ("TOMELAB_HOME", "TOMELAB_SHARED_DATA", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
 
 
@@ -46,14 +50,15 @@ class LocalExecutor:
 
     def __init__(self, *, progress: bool = False, block_rows: int = BLOCK_ROWS) -> None:
         self.progress, self.block_rows = progress, block_rows
-        self._loaded: dict[Need, Any] = {}
+        self._loaded: dict[tuple[str, str], Any] = {}
 
     def _setup(self, stage: Stage) -> None:
         res = {}
         for arg, need in stage.needs().items():
-            if need not in self._loaded:
-                self._loaded[need] = load_need(need)
-            res[arg] = Quiet(self._loaded[need], self.progress)
+            key = (need.what, config_hash(need.spec))  # specs may be (unhashable) config dataclasses
+            if key not in self._loaded:
+                self._loaded[key] = load_need(need)
+            res[arg] = Quiet(self._loaded[key], self.progress)
         stage.setup(**res)
 
     def _blocks(self, stage: Stage, frame: pl.DataFrame) -> list[pl.DataFrame]:
@@ -80,7 +85,8 @@ class LocalExecutor:
 
 
 class _StageActor:
-    """A Ray Data callable class: loads the stage's needs and runs `setup` once per actor, then maps blocks."""
+    """A Ray Data callable class: loads the stage's needs and runs `setup` once per actor, then maps blocks.
+    (Stages that need no model run as plain tasks instead, see `_task`: no process to start per stage.)"""
 
     def __init__(self, stage: Stage, mode: str, env: dict[str, str]) -> None:
         os.environ.update(env)
@@ -104,16 +110,23 @@ class _StageActor:
                          "_extra": pa.array(stats[:len(df)], pa.string())})
 
 
+def _task(batch: pa.Table, stage: Stage, mode: str, env: dict[str, str]) -> pa.Table:
+    """A Ray task on a pooled worker: `setup` per block is cheap for stages that load no model."""
+    return _StageActor(stage, mode, env)(batch)
+
+
 def _arrow(df: pl.DataFrame) -> pa.Table:
     return df.to_arrow(compat_level=pl.CompatLevel.oldest())
 
 
-def _keys_fn(batch: pa.Table, stage: Stage) -> pa.Table:
-    return _arrow(stage.keys(pl.from_arrow(batch)))
+def _keys_fn(batch: pa.Table, stage: Stage, parts: int) -> pa.Table:
+    """The stage's (key, _row) rows plus the shuffle partition of each key (a hash, the same in every process)."""
+    keys = stage.keys(pl.from_arrow(batch))
+    return _arrow(keys.with_columns((pl.col("key").hash(seed=0) % parts).cast(pl.Int64).alias(PART)))
 
 
 def _reduce_fn(group: pa.Table, stage: Stage) -> pa.Table:
-    return _arrow(stage.reduce(pl.from_arrow(group)))
+    return _arrow(stage.reduce(pl.from_arrow(group).drop(PART)))
 
 
 class RayExecutor:
@@ -130,13 +143,18 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ConfigError('executor = "ray" needs Ray Data: pip install "ray[data]==2.60.*"') from None
+            raise ConfigError('executor = "ray" needs Ray Data: pip install "ray[data]==2.60.0" '
+                              '(or `pip install -e ".[scale]"`), or use executor = "local"') from None
         self.workers, self.block_rows, self.progress = workers, block_rows, progress
         self._owns = False
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS", "")
             if address:
-                ray.init(address=address, log_to_driver=False)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({str(e).splitlines()[0]}): "
+                                      f"check the recipe's `address` or $RAY_ADDRESS") from None
             else:
                 ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
             self._owns = True
@@ -154,6 +172,10 @@ class RayExecutor:
         import ray
 
         env = {k: os.environ[k] for k in _ENV if k in os.environ}
+        env.update(TOMELAB_HOME=str(paths.home()), TOMELAB_SHARED_DATA=str(paths.shared_data_dir()))  # absolute
+        if not stage.needs():  # Ray tasks on the worker processes it already has
+            return ds.map_batches(_task, fn_kwargs={"stage": stage, "mode": mode, "env": env}, batch_format="pyarrow",
+                                  batch_size=None, compute=ray.data.TaskPoolStrategy(size=self.workers))
         return ds.map_batches(_StageActor, fn_constructor_args=(stage, mode, env), batch_format="pyarrow",
                               batch_size=None, compute=ray.data.ActorPoolStrategy(size=self.workers))
 
@@ -169,12 +191,16 @@ class RayExecutor:
             return self.local.run(stage, frame)
         if stage.kind == "row":
             return self._row(stage, frame)
-        if stage.kind == "map_reduce":
-            return self._map_reduce(stage, frame)
-        if _has_map(stage):  # e.g. semantic dedup: embeddings on the actors, kNN on the driver
-            mapped = self._collect(self._map(stage, self._dataset(frame), "map"))
-            return stage.run(frame.join(mapped, on="_row", how="left", maintain_order="left"))
-        return self.local.run(stage, frame)
+        if stage.kind != "map_reduce" and not _has_map(stage):
+            return self.local.run(stage, frame)
+        with Timer() as t:
+            if stage.kind == "map_reduce":
+                res = self._map_reduce(stage, frame)
+            else:  # e.g. semantic dedup: embeddings on the actors, kNN on the driver
+                mapped = self._collect(self._map(stage, self._dataset(frame), "map"))
+                res = stage.run(frame.join(mapped, on="_row", how="left", maintain_order="left"))
+        res.stats.seconds = round(t.seconds, 3)  # the whole stage, not only its driver-side part
+        return res
 
     def _row(self, stage: Stage, frame: pl.DataFrame) -> StageResult:
         with Timer() as t:
@@ -188,8 +214,9 @@ class RayExecutor:
 
     def _map_reduce(self, stage: Stage, frame: pl.DataFrame) -> StageResult:
         mapped_ds = self._map(stage, self._dataset(frame), "map").materialize()
-        keys = mapped_ds.map_batches(_keys_fn, fn_kwargs={"stage": stage}, batch_format="pyarrow")
-        reduced = self._collect(keys.groupby("key").map_groups(_reduce_fn, fn_kwargs={"stage": stage},
+        parts = 4 * self.workers  # one reduce call per partition (one per key would be a call per band bucket)
+        keys = mapped_ds.map_batches(_keys_fn, fn_kwargs={"stage": stage, "parts": parts}, batch_format="pyarrow")
+        reduced = self._collect(keys.groupby(PART).map_groups(_reduce_fn, fn_kwargs={"stage": stage},
                                                              batch_format="pyarrow"))
         mapped = self._collect(mapped_ds)
         if not len(reduced):

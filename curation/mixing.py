@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 
 from curation.frame import StageResult, split_result
-from curation.stage import Stage
 from curation.recipe import Recipe
+from curation.stage import Stage
 from tomelab.stats import Timer
 
 log = logging.getLogger(__name__)

@@ -8,16 +8,18 @@ a list in the child replaces the base's list.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from curation.sources import SourceConfig
 from tomelab import paths
-from tomelab.config import from_dict, read_config_dict, safe_name_problem
-from tomelab.errors import ConfigError
+from tomelab.config import from_dict, read_config_dict, safe_name_problem, to_dict
 
 FILTER_NAMES = ("length", "language", "repetition", "refusal", "broken_turns", "truncated")
+RUN_ONLY = ("executor", "address")  # Recipe fields that say where to run, not what to keep
+_ADDRESS = re.compile(r"|auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+")
 
 
 def _at_least(obj: Any, low: int | float, *names: str) -> None:
@@ -226,8 +228,16 @@ class Recipe:
     # whose conversation fits `fit_tokens`: "Long Is More for Alignment", Zhao et al. 2024)
     select: Literal["random", "longest"] = "random"
     fit_tokens: int = 0  # "longest": only rows of at most this many (approximate) tokens; 0 = no cap
+    # where the stages run (RUN_ONLY: not part of the variant, the same rows come out either way):
+    # "local" (this process) or "ray" (Ray Data on `address`: "ray://host:10001" or "auto" for an
+    # existing cluster; "" = $RAY_ADDRESS, else a local Ray on this machine's cores)
+    executor: Literal["local", "ray"] = "local"
+    address: str = ""
 
     def __post_init__(self) -> None:
+        if not _ADDRESS.fullmatch(self.address):
+            raise ValueError(f"`address` must be \"\" (a local Ray, or $RAY_ADDRESS), \"auto\", \"ray://HOST:PORT\" "
+                             f"or \"HOST:PORT\", got {self.address!r}")
         problem = safe_name_problem(self.name)
         if problem:  # the name becomes folder and file names under artifacts/ and data_cards/
             raise ValueError(f"`name` {problem}. Set `name` (or rename the file) to e.g. \"my-variant\"")
@@ -271,6 +281,12 @@ class Recipe:
             total = sum(self.mix.values())
             return {n: v / total for n, v in self.mix.items() if v > 0}
         return {}
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as data without its RUN_ONLY fields: what the variant's config hash and stats describe,
+    so where a variant was curated never changes its hash (variants made before these fields keep theirs)."""
+    return {k: v for k, v in to_dict(recipe).items() if k not in RUN_ONLY}
 
 
 def read_recipe_dict(path: str | Path) -> dict[str, Any]:

@@ -11,17 +11,28 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "argilla.sh"
 
 
+# Help of the ReviewConfig fields that are flags. Types, choices and defaults come from ReviewConfig itself
+# (tomelab.cli_flags); this text can move into its fields' metadata (`option(...)`) with the review package.
+FLAG_HELP = {
+    "workspace": "Argilla workspace (default: the user's first)",
+    "timeout_s": "server check timeout in seconds",
+    "n": "how many rows",
+    "strategy": "which rows: random, lowest score, near-duplicate pairs, or where the scores disagree",
+    "seed": "random seed of the row selection (push) or the propagation holdout (apply)",
+    "embed_model": "embedding model for similarity search and label propagation",
+    "extend_k": "extend labels to unlabelled rows by k nearest labelled neighbours (0 = off)",
+    "extend_min_similarity": "cosine similarity a neighbour needs to vote",
+    "holdout_share": "share of labelled rows held out to measure propagation agreement",
+}
+
+
 def _config(args: argparse.Namespace):
-    from curation.review import load_review_config
+    from curation.review import ReviewConfig, load_review_config
+    from tomelab.cli_flags import dataclass_overrides
 
     cfg = load_review_config(args.config)
-    overrides = {
-        k: getattr(args, k)
-        for k in ("n", "strategy", "seed", "workspace", "extend_k", "extend_min_similarity", "holdout_share", "embed_model", "timeout_s")
-        if getattr(args, k, None) is not None
-    }
     try:
-        return dataclasses.replace(cfg, **overrides)
+        return dataclasses.replace(cfg, **dataclass_overrides(args, ReviewConfig))
     except ValueError as e:  # ReviewConfig.__post_init__
         from tomelab.errors import ConfigError
 
@@ -44,7 +55,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from curation.review import pushed_variants, pull
+    from curation.review import pull, pushed_variants
     from tomelab.errors import TomelabError
 
     names = [args.variant] if args.variant else pushed_variants()
@@ -63,6 +74,12 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from curation.review import ReviewConfig
+    from tomelab.cli_flags import add_dataclass_args
+
+    def flags(q: argparse.ArgumentParser, *names: str) -> None:
+        add_dataclass_args(q, ReviewConfig, only=names, help_texts=FLAG_HELP)
+
     p = sub.add_parser(
         "review",
         help="human review in Argilla: server, push, pull, apply",
@@ -77,15 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser, variant_required: bool = True) -> None:
         q.add_argument("--variant", required=variant_required, help="variant name under artifacts/variants/")
         q.add_argument("--config", type=Path, help="TOML with a [review] table (flags override it)")
-        q.add_argument("--workspace", help="Argilla workspace (default: the user's first)")
-        q.add_argument("--timeout-s", dest="timeout_s", type=float, help="server check timeout (default 5)")
+        flags(q, "workspace", "timeout_s")
 
     q = rsub.add_parser("push", help="send rows of a variant to Argilla for labelling")
     common(q)
-    q.add_argument("--n", type=int, help="how many rows (default 200)")
-    q.add_argument("--strategy", choices=["random", "low-score", "near-dup-pairs", "disagreement"])
-    q.add_argument("--seed", type=int)
-    q.add_argument("--embed-model", dest="embed_model", choices=["minilm", "m2v"])
+    flags(q, "n", "strategy", "seed", "embed_model")
     q.set_defaults(func=_push)
 
     q = rsub.add_parser("pull", help="store every submitted response under the variant (default: every pushed variant)")
@@ -94,11 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = rsub.add_parser("apply", help="write variant NAME-reviewed from the pulled labels (offline)")
     common(q)
-    q.add_argument("--extend-k", dest="extend_k", type=int, help="extend labels to unlabelled rows by k nearest labelled neighbours (0 = off)")
-    q.add_argument("--extend-min-similarity", dest="extend_min_similarity", type=float)
-    q.add_argument("--holdout-share", dest="holdout_share", type=float)
-    q.add_argument("--seed", type=int)
-    q.add_argument("--embed-model", dest="embed_model", choices=["minilm", "m2v"])
+    flags(q, "extend_k", "extend_min_similarity", "holdout_share", "seed", "embed_model")
     q.add_argument("--cards-dir", dest="cards_dir", type=Path, help="where the data card goes (default data_cards/)")
     q.add_argument("--force", action="store_true", help="rebuild even if up to date")
     q.set_defaults(func=_apply)

@@ -7,7 +7,7 @@ A `Stage` has a `name`, its typed config (`cfg`), a `kind` and `run(frame) -> St
   "longest" selection, quality selection). An optional row-local `map(batch)` precomputes per-row
   columns (named `__*`, e.g. embeddings) that the executor may compute elsewhere and join in first.
 - "map_reduce": `map(batch)` -> per-row columns; `keys(mapped)` -> (key, _row) rows to shuffle on;
-  `reduce(rows of one key)` -> records; `finish(frame + mapped, records)` -> StageResult
+  `reduce(rows of one or more whole keys)` -> records; `finish(frame + mapped, records)` -> StageResult
   (MinHash: signatures -> band buckets -> candidate pairs -> greedy best-first clusters).
 
 Stages never open progress bars, resolve cache paths or load models: they declare `needs()`

@@ -18,9 +18,16 @@ from typing import Any
 from eval.compare import BASE_ROW, MetricRow, System, check_precision, compare, pick_winner
 from eval.config import AblationConfig, EvalConfig
 from eval.evaluate import evaluate
-from eval.report import (leaderboard_markdown, plot_curve, plot_deltas, plot_funnels, plot_loss_curves, plot_metrics,
-                         write_csv)
-from tomelab import paths
+from eval.report import (
+    leaderboard_markdown,
+    plot_curve,
+    plot_deltas,
+    plot_funnels,
+    plot_loss_curves,
+    plot_metrics,
+    write_csv,
+)
+from tomelab.artifacts import Results, Run, Variant, home_relative, resolve_results_dir
 from tomelab.config import load_config
 from tomelab.errors import TomelabError
 from tomelab.io import read_json, write_json, write_text
@@ -55,14 +62,11 @@ def train_config_for(cfg: AblationConfig, overrides: dict[str, Any] | None = Non
 def _alias_variant(variant: str, alias: str) -> str:
     """A variant folder that points at `variant`'s data under another name, so a sweep arm's runs get
     their own run directories (`runs/<alias>/<base>/<seed>`) without copying or re-curating data."""
-    from tomelab import paths
-
-    src, dst = paths.variants_dir() / variant, paths.variants_dir() / alias
-    dst.mkdir(parents=True, exist_ok=True)
-    link = dst / "train.parquet"
-    if not link.is_symlink():
-        link.symlink_to((src / "train.parquet").resolve())
-    write_json(dst / "stats.json", {**read_json(src / "stats.json"), "variant": alias, "alias_of": variant})
+    src, dst = Variant(variant), Variant(alias)
+    dst.dir.mkdir(parents=True, exist_ok=True)
+    if not dst.train.is_symlink():
+        dst.train.symlink_to(src.train.resolve())
+    write_json(dst.stats_path, {**src.stats(), "variant": alias, "alias_of": variant})
     return alias
 
 
@@ -220,22 +224,14 @@ def run_ablation(cfg_path: str | Path, *, reverse: bool = False) -> Path:
 
 def results_dir(cfg: AblationConfig) -> Path:
     """`results_dir` as written, or under the artefact home when it starts with `home:`."""
-    r = cfg.results_dir
-    return paths.home() / r[len("home:"):] if r.startswith("home:") else Path(r)
-
-
-def _home_relative(p: str) -> str:
-    """A run dir relative to the artefact home (posix), so committed results resolve on another clone."""
-    try:
-        return Path(p).resolve().relative_to(paths.home().resolve()).as_posix()
-    except ValueError:
-        return str(p)
+    return resolve_results_dir(cfg.results_dir)
 
 
 def write_results(cfg: AblationConfig, cfg_path: Path, systems: list[System], stats: dict[str, dict], baseline: str,
                   *, labels: dict[str, bool] | None = None) -> Path:
     """Leaderboard (md + csv), plots and winner.json from the cached per-item eval outputs."""
-    results = results_dir(cfg)
+    res = Results(results_dir(cfg))
+    results = res.dir
     precision = check_precision(systems)
     rows = compare(systems, baseline, cfg.metrics, ci=cfg.ci, labels=labels)
     seeds = f"blocks {cfg.seeds} (own draw of {cfg.draw_rows} rows each)" if cfg.draw_rows else f"seeds {cfg.seeds}"
@@ -250,10 +246,10 @@ def write_results(cfg: AblationConfig, cfg_path: Path, systems: list[System], st
         n_clean = sum(1 for i, v in labels.items() if v and not i.startswith("val:"))
         notes.append(f"Held-out test items passing `{cfg.clean_recipe}`'s exact, MinHash and heuristic filters "
                      f"(heldout_clean): {n_clean} of {n_test}.")
-    write_text(results / "leaderboard.md", leaderboard_markdown(rows, systems, baseline, cfg.metrics, title=title,
+    write_text(res.leaderboard_md, leaderboard_markdown(rows, systems, baseline, cfg.metrics, title=title,
                                                                 ci=cfg.ci, primary=cfg.primary, notes=notes,
                                                                 target_mde=cfg.target_mde))
-    write_csv(results / "leaderboard.csv", rows)
+    write_csv(res.leaderboard_csv, rows)
     plot_metrics(results / "metrics.png", rows, systems, cfg.metrics)
     plot_loss_curves(results / "loss_curves.png", systems)
     if cfg.ci:
@@ -264,10 +260,10 @@ def write_results(cfg: AblationConfig, cfg_path: Path, systems: list[System], st
         plot_funnels(results / "funnel.png", stats)
     win, k, run_metrics = pick_winner(rows, systems, cfg.winner)
     run_dir = win.refs[k]
-    write_json(results / "winner.json", {
+    write_json(res.winner_path, {
         "variant": win.variant_for(win.seeds[k]) if win.seeds[k] is not None else win.name, "system": win.name,
-        "base": win.base or cfg.base, "seed": win.seeds[k], "run_dir": _home_relative(run_dir),
-        "run_key": _home_relative(run_dir).removeprefix("runs/"), "model_dir": None,
+        "base": win.base or cfg.base, "seed": win.seeds[k], "run_dir": home_relative(run_dir),
+        "run_key": Run(Path(run_dir)).key, "model_dir": None,
         "metrics": run_metrics,
         "variant_mean": {r.metric: r.mean for r in rows if r.system == win.name},
         "rule": cfg.winner.describe(), "ablation_config": Path(os.path.relpath(cfg_path)).as_posix(),

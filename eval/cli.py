@@ -28,18 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _heldout_for(run: str) -> Path | None:
-    """The held-out dir recorded by the run's variant (run dir -> config.json -> variant stats.json)."""
-    from tomelab import paths
-    from tomelab.io import read_json
+    """The held-out dir recorded by the run's variant (run dir -> its variant's stats.json); for a base
+    model, the one held-out dir every curated variant shares (None when they differ)."""
+    from tomelab.artifacts import Run, Variant
 
     rd = Path(run)
     if not rd.is_dir():
-        cands = sorted(paths.variants_dir().glob("*/stats.json")) if paths.variants_dir().is_dir() else []
-        dirs = {read_json(c).get("heldout_dir") for c in cands} - {None}
-        return Path(dirs.pop()) if len(dirs) == 1 else None
-    variant = rd.resolve().parent.parent.name
-    st = paths.variants_dir() / variant / "stats.json"
-    return Path(read_json(st)["heldout_dir"]) if st.is_file() else None
+        dirs = {v.heldout_dir() for v in Variant.all()} - {None}
+        return dirs.pop() if len(dirs) == 1 else None
+    return Variant(Run(rd.resolve()).variant).heldout_dir()
 
 
 def _eval(args: argparse.Namespace) -> int:

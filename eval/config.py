@@ -82,13 +82,16 @@ class EvalConfig:
     # 1 thread generated ~5x faster than 2 here (OpenMP workers spin-wait when preempted).
     threads: int = 0
     # generation engine for IFEval/GSM8K/held-out answers. "llama.cpp" is the app's serving path: a GGUF
-    # of the same weights (gguf_type) served by xllamacpp (prebuilt wheel) with 8 parallel slots decoded
-    # together (continuous batching, stop at end of turn; eval.evaluate.EVAL_SLOTS), or llama-cpp-python one
-    # prompt at a time. bench/eval_engine.py measures its speed against batched transformers and the paired
-    # IFEval difference. Its kernels differ, so greedy outputs can drift late in long answers: compare
-    # models within one engine. NLL is always computed with transformers.
+    # of the same weights (gguf_type) served by xllamacpp (prebuilt wheel), `engine_workers` servers of one
+    # thread each with `slots` parallel sequences apiece decoded together (continuous batching, stop at end
+    # of turn), or llama-cpp-python one prompt at a time. bench/eval_engine.py measures its speed against
+    # batched transformers and the paired IFEval difference (docs/evaluation.md). Its kernels differ, so
+    # greedy outputs can drift late in long answers: compare models within one engine. NLL is always
+    # computed with transformers.
     engine: Literal["transformers", "llama.cpp"] = "transformers"
-    gguf_type: Literal["f16", "f32"] = "f16"
+    gguf_type: Literal["f16", "f32", "q8_0"] = "f16"
+    engine_workers: int = 2  # llama.cpp servers (one thread each): one per core
+    slots: int = 8  # parallel sequences per server
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     ifeval: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
     gsm8k: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
@@ -98,6 +101,8 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 1")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0 keeps torch's default)")
+        if not 1 <= self.engine_workers <= 64 or not 1 <= self.slots <= 64:
+            raise ValueError("engine_workers and slots must be between 1 and 64")
         for name in EVAL_SETS:
             s = getattr(self, name)
             if s.limit is not None and s.limit < 1:

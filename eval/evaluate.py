@@ -19,9 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from eval.config import METRICS, EvalConfig
-from eval.sets import (EvalItem, LoadedSet, load_gsm8k, load_heldout, load_ifeval, load_nll_extras, score_gsm8k, score_ifeval,
-                       stable_subset)
-from tomelab import paths
+from eval.sets import (
+    EvalItem,
+    LoadedSet,
+    load_gsm8k,
+    load_heldout,
+    load_ifeval,
+    load_nll_extras,
+    score_gsm8k,
+    score_ifeval,
+    stable_subset,
+)
+from tomelab.artifacts import Run, evals_dir
 from tomelab.config import config_hash, to_dict
 from tomelab.errors import TomelabError
 from tomelab.io import exclusive, read_json, write_json, write_jsonl
@@ -30,19 +39,11 @@ from tomelab.stats import StageStats, Timer
 log = logging.getLogger(__name__)
 
 
-def evals_dir() -> Path:
-    return paths.home() / "evals"
-
-
 def run_key(ref: str | Path) -> str:
     """`base/<name>` for a base model, `<variant>/<base>/<seed>` for a run dir under artifacts/runs."""
     p = Path(ref)
     if p.is_dir():
-        p = p.resolve()
-        try:
-            return p.relative_to(paths.runs_dir().resolve()).as_posix()
-        except ValueError:
-            return "path/" + hashlib.sha256(str(p).encode()).hexdigest()[:12] + "-" + p.name
+        return Run(p).key
     if any(ch in str(ref) for ch in "/\\") and not str(ref).count("/") == 1:
         raise TomelabError(f"run {ref} does not exist. Give a run dir (artifacts/runs/<variant>/<base>/<seed>) or a base model name.")
     return "base/" + str(ref).replace("/", "__")
@@ -52,26 +53,18 @@ def _model_fingerprint(ref: str | Path) -> str:
     """Changes when a run is retrained, so stale cached outputs are not reused."""
     p = Path(ref)
     if p.is_dir():
-        m = p / "metrics.json"
-        if not m.is_file():
+        run = Run(p)
+        if not run.is_finished:
             raise TomelabError(f"run {p} has no metrics.json: training did not finish. Re-run `tomelab train` for it.")
-        return hashlib.sha256(m.read_bytes()).hexdigest()[:12]
+        return hashlib.sha256(run.metrics_path.read_bytes()).hexdigest()[:12]
     return str(ref)
 
 
 def load_model_for_eval(ref: str | Path, dtype: str) -> tuple[Any, Any]:
-    """The training area's loader (base name or run dir); base models fall back to tomelab.models."""
-    try:
-        from training.load import load_for_inference
-    except ImportError:
-        load_for_inference = None
-    if load_for_inference is not None:
-        return load_for_inference(str(ref), dtype=dtype)
-    if Path(ref).is_dir():
-        raise TomelabError("training.load.load_for_inference is not available yet, so run dirs cannot be loaded.")
-    from tomelab.models import load_model, load_tokenizer
+    """The training area's loader: a base model name, a run dir (adapter merged) or a merged export."""
+    from training.load import load_for_inference
 
-    return load_model(str(ref), dtype=dtype), load_tokenizer(str(ref))
+    return load_for_inference(str(ref), dtype=dtype)
 
 
 def _load_set(name: str, cfg: EvalConfig, heldout_dir: Path | None) -> LoadedSet:
@@ -92,12 +85,9 @@ def _rouge_l(refs: list[str], outs: list[str]) -> list[float]:
 
 
 def _cosines(refs: list[str], outs: list[str], model: str) -> list[float] | None:
-    try:
-        from curation.embed import Embedder
-    except ImportError:
-        log.warning("curation.embed is not available: embedding cosine is skipped (null)")
-        return None
     import numpy as np
+
+    from curation.embed import Embedder
 
     emb = Embedder(model=model)
     key = lambda t: "evaltext-" + hashlib.sha256(t.encode()).hexdigest()[:16]  # noqa: E731
@@ -272,7 +262,8 @@ def _set_tag(name: str, cfg: EvalConfig, items: list[EvalItem], pool: list[EvalI
                         "pool": [it.id for it in pool] if name == "heldout" else None,
                         "model": fingerprint, "dtype": cfg.dtype,
                         # only when not the default, so outputs cached before this option stay valid
-                        **({"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": EVAL_SLOTS}
+                        **({"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": cfg.slots,
+                            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {})}
                            if cfg.engine != "transformers" else {})})
 
 
@@ -281,7 +272,7 @@ def _llama_runtime() -> str:
     differ in late tokens), so their cached outputs are never mixed."""
     import os
 
-    from tomelab.inference import xllamacpp_available
+    from tomelab.engines.backend_llamacpp import xllamacpp_available
 
     return "xllamacpp" if xllamacpp_available() and os.environ.get("TOMELAB_LLAMACPP") != "llama-cpp-python" \
         else "llama-cpp-python"
@@ -321,17 +312,16 @@ def assist_generation(ref: str | Path, cfg: EvalConfig) -> int:
 
 
 def _generation_engine(ref: str | Path, cfg: EvalConfig) -> Any:
-    """The serving engine that generates answers when the config asks for one (None: transformers)."""
+    """The serving engines that generate answers when the config asks for them (None: transformers):
+    `engine_workers` llama.cpp servers of one thread each (one per core; two spinning threads in one
+    server ran slower here, ../shared/NOTES.md), each decoding `slots` prompts together."""
     if cfg.engine == "transformers":
         return None
-    from tomelab.inference import load_engine
+    from tomelab.engines.choice import load_engine
 
-    # 8 parallel slots: llama.cpp decodes 8 answers together (continuous batching); bench/eval_engine.py
-    return load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or None,
-                       dtype=cfg.dtype, context_length=4096, slots=EVAL_SLOTS)
-
-
-EVAL_SLOTS = 8
+    return [load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or 1,
+                        dtype=cfg.dtype, context_length=4096, slots=cfg.slots)
+            for _ in range(cfg.engine_workers)]
 
 
 def _stash_set(out_dir: Path, name: str, cached: dict[str, Any]) -> None:

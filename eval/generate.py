@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -96,7 +97,7 @@ def generate_greedy(
 
 
 def generate_greedy_engine(
-    engine: Any,
+    engine: Any | Sequence[Any],
     prompts: list[tuple[str, list[dict[str, str]]]],
     *,
     max_new_tokens: int,
@@ -104,26 +105,33 @@ def generate_greedy_engine(
     desc: str = "generate",
     reverse: bool = False,
 ) -> dict[str, str]:
-    """`generate_greedy` through a serving `tomelab.inference.ChatEngine` (e.g. llama.cpp), greedy,
+    """`generate_greedy` through a serving `tomelab.engines.chat.ChatEngine` (e.g. llama.cpp), greedy,
     resumable from `partial_path` like the batched path.
 
     An engine with parallel slots (xllamacpp: `engine.backend.slots`) gets that many prompts at once,
     longest first, and decodes them together (continuous batching: a finished answer frees its slot for
     the next prompt at once, so nothing waits for the longest answer of a batch). Stops at end of turn.
+    Several engines (one single-thread llama.cpp server per core, `eval.engine_workers`) share one queue
+    of prompts: each worker thread is bound to one engine, so every engine keeps its slots full.
     The partial file is re-read before each prompt, so a second worker walking the prompts from the
     other end (`reverse=True`, `tomelab eval --assist`) shares the work; appends are whole lines.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from tomelab.inference import GenerationSettings
+    from tomelab.engines.chat import GenerationSettings
 
     done = read_partial(partial_path) if partial_path else {}
     todo = [(pid, msgs) for pid, msgs in prompts if pid not in done]
     if not todo:
         return done
     settings = GenerationSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, system_prompt="")
-    workers = max(1, int(getattr(getattr(engine, "backend", None), "slots", 1)))
+    engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
+    # each worker thread is bound to one engine on first use: `slots` workers per engine
+    bound = [e for e in engines for _ in range(max(1, int(getattr(getattr(e, "backend", None), "slots", 1))))]
+    workers = len(bound)
+    local = threading.local()
+    claimed = iter(range(workers))
     if workers > 1:  # longest prompts first: their answers tend to be long too, so the tail stays short
         size = {pid: sum(len(m.get("content") or "") for m in msgs) for pid, msgs in todo}
         todo.sort(key=lambda x: -size[x[0]])
@@ -139,7 +147,10 @@ def generate_greedy_engine(
                 done.update(read_partial(partial_path))  # another worker may have answered it
             if pid in done:
                 return
-        text = engine.generate(msgs, settings).text.strip()
+        if not hasattr(local, "engine"):
+            with lock:
+                local.engine = bound[next(claimed) % workers]
+        text = local.engine.generate(msgs, settings).text.strip()
         with lock:
             done[pid] = text
             if sink:
@@ -147,7 +158,9 @@ def generate_greedy_engine(
                 sink.flush()
 
     try:
-        with tqdm(total=len(todo), desc=f"{desc} ({engine.engine_name} x{workers})", unit="item") as bar:
+        label = f"{engines[0].engine_name} {len(engines)}x{workers // len(engines)}" if len(engines) > 1 \
+            else f"{engines[0].engine_name} x{workers}"
+        with tqdm(total=len(todo), desc=f"{desc} ({label})", unit="item") as bar:
             order = list(reversed(todo)) if reverse else todo
             if workers == 1:
                 for item in order:
@@ -273,7 +286,3 @@ def assistant_nll(
             bar.update(len(chunk))
             i += len(chunk)
     return result
-
-
-def map_progress(fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
-    return [fn(x) for x in tqdm(items, desc=desc, unit="item")]

@@ -12,21 +12,10 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from eval.compare import BASE_ROW, MetricRow, System
 from eval.config import METRICS
-from tomelab.io import save_figure, write_text
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (plots are PNG artefacts, never windows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from tomelab.io import pyplot, save_figure, write_text
 
 
 def _fmt(x: float | None, metric: str) -> str:
@@ -43,15 +32,23 @@ def _delta_text(r: MetricRow) -> str:
 
 
 def blocks_needed(rows: list[MetricRow], metric: str, target: float) -> tuple[float, int] | None:
-    """(median MDE now, blocks for an MDE of `target`) on `metric`, from the variants' comparisons: the
-    standard error shrinks as 1/sqrt(blocks) when training noise dominates, and 2.8 SE is the MDE at
-    80% power once there are enough blocks for the t quantiles to approach the normal ones."""
-    ds = sorted((r.delta.se, r.delta.mde, r.n_seeds) for r in rows
+    """(median MDE now, blocks for an MDE of `target`) on `metric`, from the variants' comparisons.
+
+    The standard error shrinks as 1/sqrt(blocks) when training noise dominates, and the MDE is computed
+    as the comparisons compute it, (t_0.975 + t_0.80) x SE, with blocks - 1 degrees of freedom (about
+    the crossed model's df when the block term dominates), so the projection never promises what the t
+    quantiles of a few blocks cannot deliver."""
+    from eval.stats import _t_quantile
+
+    ds = sorted((r.delta.mde, r.delta.se, r.n_seeds) for r in rows
                 if r.metric == metric and r.delta is not None and r.role in ("variant", "negative control"))
     if not ds or target <= 0:
         return None
-    se, mde, n = ds[len(ds) // 2]
-    return mde, max(n, math.ceil(n * (2.8 * se / target) ** 2))
+    mde, se, n = ds[len(ds) // 2]
+    for blocks in range(max(n, 2), 1000):
+        if (_t_quantile(0.975, blocks - 1) + _t_quantile(0.8, blocks - 1)) * se * math.sqrt(n / blocks) <= target:
+            return mde, blocks
+    return mde, 1000
 
 
 def verdict_lines(rows: list[MetricRow], systems: list[System], baseline: str, primary: str,
@@ -86,8 +83,10 @@ def verdict_lines(rows: list[MetricRow], systems: list[System], baseline: str, p
                        + ": read those columns' intervals as too narrow.")
     need = blocks_needed(rows, primary, target_mde)
     if need:
-        out.append(f"Median MDE of the comparisons on {primary}: {_fmt(need[0], primary)}; an MDE of "
-                   f"{_fmt(target_mde, primary)} (the target) needs about {need[1]} blocks at this budget.")
+        met = need[0] <= target_mde
+        out.append(f"Median MDE of the comparisons on {primary}: {_fmt(need[0], primary)}: "
+                   + (f"the target of {_fmt(target_mde, primary)} is met." if met else
+                      f"an MDE of {_fmt(target_mde, primary)} (the target) needs about {need[1]} blocks at this budget."))
     for s in systems:
         r = by.get((s.name, primary))
         if s.role != "variant" or r is None or r.delta is None:
@@ -217,7 +216,7 @@ def plot_loss_curves(path: Path, systems: list[System]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for c, s in enumerate(x for x in systems if x.trained):
-        for j, (seed, rd) in enumerate(sorted(s.run_dirs.items())):
+        for j, (_seed, rd) in enumerate(sorted(s.run_dirs.items())):
             logf = Path(rd) / "train_log.jsonl"
             if not logf.is_file():
                 continue

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from eval import ablate
-from eval.ablate import BASE_ROW, System, compare, leaderboard_markdown, pick_winner, write_results
+from eval.ablate import BASE_ROW, System, compare, pick_winner, write_results
 from eval.config import AblationConfig, Arm, WinnerRule
 from eval.evaluate import evals_dir, run_key
 from tomelab import paths

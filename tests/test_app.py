@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from app_world import BASE, OTHER, REFUSAL_DETAIL, RULE, RUN_REL, WINNER, write_results, write_run, write_variants
-from tomelab import engine_pool, lab, serving
+from tomelab import lab, serving
 from tomelab.chat_cli import load_app_module
+from tomelab.engines import pool as engine_pool
+from tomelab.errors import TomelabError
 
 REPO = Path(__file__).resolve().parent.parent
 app = load_app_module()
@@ -156,7 +158,7 @@ def tiny_run(tmp_home: Path, smollm2_dir: Path) -> Path:
 def test_demo_printed_command_serves_the_demo_winner(tiny_run: Path, tmp_home: Path, tmp_path: Path, monkeypatch) -> None:
     """`make demo` prints `app.py --results DIR`; that command, run against a finished tiny demo whose
     results live under the artefact home, serves the demo's winner (its adapter changes the answer)."""
-    from tomelab.inference import GenerationSettings
+    from tomelab.engines.chat import GenerationSettings
 
     monkeypatch.chdir(tmp_path)
     write_results(tmp_home / "results" / "demo")
@@ -190,7 +192,7 @@ def test_page_serves_at_once_and_switches_engine_in_background(tmp_home: Path, t
     def fake_load(ref, *, engine="auto", **kw):
         if engine == "transformers":
             return _FakeEngine("transformers")
-        logging.getLogger("tomelab.inference").info("checking llama.cpp on model.gguf (one-off)")
+        logging.getLogger("tomelab.engines.convert").info("checking llama.cpp on model.gguf (one-off)")
         assert release.wait(30)
         return _FakeEngine("llama.cpp")
 
@@ -214,8 +216,39 @@ def test_page_serves_at_once_and_switches_engine_in_background(tmp_home: Path, t
     assert any("switched to llama.cpp" in p for p in slot.progress)
 
 
+def test_slots_reach_the_engine_and_the_queue_lets_them_through(tmp_home: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--slots N` reaches every `load_engine` call of the pool, and Gradio's queue runs at least N chats at
+    once, so concurrent chats arrive at llama.cpp's parallel slots together; a smaller --concurrency is refused."""
+    seen: list[tuple[str, int | None]] = []
+
+    def fake_load(ref, *, engine="auto", **kw):
+        seen.append((engine, kw.get("slots")))
+        return _FakeEngine(engine)
+
+    monkeypatch.setattr(engine_pool, "load_engine", fake_load)
+    monkeypatch.chdir(tmp_path)
+    cfg = app.config_from_args(app_args(["--results", str(tmp_path / "none"), "--engine", "llama.cpp", "--slots", "6"]))
+    assert (cfg.slots, cfg.concurrency_limit, cfg.queue_concurrency) == (6, 0, 6)
+    demo = app.create(cfg)
+    pool = demo.tomelab_pool
+    key = next(iter(pool.entries))
+    assert pool.engine_slots == 6
+    for _ in range(3000):  # a hang guard only: the fake loads return at once
+        if pool.slots[key].ready.is_set() and not pool.busy():
+            break
+        time.sleep(0.01)
+    assert pool.get(key).engine_name == "llama.cpp"
+    assert seen == [("transformers", 6), ("llama.cpp", 6)]
+    chat = next(fn for fn in demo.fns.values() if fn.api_name == "chat")
+    limit = demo._queue.default_concurrency_limit if chat.concurrency_limit == "default" else chat.concurrency_limit
+    assert limit is not None and limit >= cfg.slots
+    with pytest.raises(TomelabError, match="slots"):
+        app.config_from_args(app_args(["--engine", "llama.cpp", "--slots", "4", "--concurrency", "2"]))
+    assert app.config_from_args(app_args(["--engine", "transformers", "--concurrency", "2"])).queue_concurrency == 2
+
+
 def test_picker_lists_a_finished_run_and_serves_its_adapter(tiny_run: Path, tmp_path: Path) -> None:
-    from tomelab.inference import GenerationSettings
+    from tomelab.engines.chat import GenerationSettings
 
     cfg = _cfg(tmp_path / "results", tmp_path, engine="transformers")
     entries, winners, _ = app.discover(cfg)
@@ -306,7 +339,7 @@ def live_app(tmp_path_factory, smollm2_dir):
         mp.setenv("TOMELAB_HOME", str(home))
         cfg = app.AppConfig(port=_free_port(), results_dir=str(tmp / "results"), data_cards_dir=str(tmp / "cards"),
                             engine=os.environ.get("TOMELAB_TEST_ENGINE", "transformers"), threads=2,
-                            max_new_tokens=16, concurrency_limit=2, context_length=512)
+                            max_new_tokens=16, concurrency_limit=2, slots=2, context_length=512)
         demo = app.create(cfg)
         demo.launch(server_name=cfg.host, server_port=cfg.port, prevent_thread_lock=True, quiet=True)
         try:

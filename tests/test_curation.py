@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 from curation import dedup, filters
+from curation.card import render_card
 from curation.decontam import decontaminate, load_test_set, ngram_hashes
 from curation.frame import prepare
-from curation.card import render_card
 from curation.mixing import plan_budget, row_tokens, sample_budget, sample_token_budget, source_targets
 from curation.recipe import (
     DecontamConfig,
@@ -20,8 +20,10 @@ from curation.recipe import (
     FiltersConfig,
     MinHashConfig,
     SemanticDedupConfig,
-    TestSetConfig as SetConfig,
     load_recipe,
+)
+from curation.recipe import (
+    TestSetConfig as SetConfig,
 )
 from tomelab.errors import ConfigError, DataError
 from tomelab.schema import make_row, rows_to_table

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tomelab.engine_gguf import write_gguf
-from tomelab.engine_guard import model_from_gguf
+from tomelab.engines.gguf_writer import write_gguf
+from tomelab.engines.guard import model_from_gguf
 from tomelab.errors import TomelabError
 
 pytestmark = pytest.mark.e2e
@@ -17,7 +17,7 @@ N = 8  # conversations: enough for a paired CI, small enough for the shared 2 co
 
 @pytest.fixture(scope="module")
 def base(smollm2_dir):
-    from tomelab.inference import load_for_inference
+    from tomelab.engines.choice import load_for_inference
 
     return load_for_inference("smollm2-135m-instruct", dtype="float32")
 
@@ -38,8 +38,8 @@ def files(tmp_path_factory, smollm2_dir):
 def test_broken_file_is_refused_and_good_quantisation_served_with_its_verdict(tmp_home, base, files, monkeypatch) -> None:
     """Through `load_engine`, as the app loads: the broken q8_0 is refused with its numbers; the real q8_0
     is served and `engine.info` carries the guard's verdict and numbers."""
-    import tomelab.engine_guard as guard_mod
-    import tomelab.inference as inf
+    import tomelab.engines.choice as inf
+    import tomelab.engines.guard as guard_mod
 
     real = guard_mod.quality_guard
     monkeypatch.setattr(guard_mod, "quality_guard", lambda *a, **k: real(*a, **{**k, "n": N}))

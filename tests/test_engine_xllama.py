@@ -1,5 +1,6 @@
 """The prebuilt llama.cpp engine (xllamacpp): streaming and stops, GGUF export of a fresh model without a
-converter, concurrent chats decoded together in parallel slots, and a cancelled chat freeing its slot."""
+converter, concurrent chats decoded together in parallel slots (also through `load_engine(slots=...)`, the app's path),
+and a cancelled chat freeing its slot."""
 
 from __future__ import annotations
 
@@ -8,16 +9,11 @@ import time
 
 import pytest
 
-from tomelab.engines_xllama import XLlamaBackend, xllamacpp_available
-from tomelab.inference import (
-    MATCH_PROMPTS,
-    ChatEngine,
-    GenerationSettings,
-    compare_greedy,
-    export_gguf,
-    load_engine,
-    source_gguf,
-)
+from tomelab.engines.backend_llamacpp import XLlamaBackend, xllamacpp_available
+from tomelab.engines.chat import ChatEngine, GenerationSettings
+from tomelab.engines.choice import load_engine
+from tomelab.engines.convert import export_gguf, source_gguf
+from tomelab.engines.match import MATCH_PROMPTS, compare_greedy
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not xllamacpp_available(), reason="xllamacpp not installed (make setup installs it)")]
@@ -84,6 +80,43 @@ def test_concurrent_chats_are_decoded_together(q41: ChatEngine) -> None:
     assert not errors and len(done) == 4
     assert all(ev.n_tokens >= 20 for _, ev in done.values())  # long enough to overlap
     assert max(first.values()) < min(t for t, _ in done.values())
+
+
+def test_load_engine_slots_batch_two_chats(tmp_home, smollm2_dir) -> None:
+    """The app's path: `load_engine(slots=2)` (what `app.py --slots 2` passes) serves llama.cpp with 2
+    parallel slots, and two concurrent chats overlap: both first tokens arrive before either chat ends
+    (checked by event order, not by time; one slot serving them in turn would end the first before
+    the second starts)."""
+    eng = load_engine("smollm2-135m-instruct", engine="llama.cpp", gguf_type="source", threads=1, slots=2, guard=False)
+    assert eng.engine_name == "llama.cpp" and eng.backend.slots == 2 and eng.info["slots"] == 2
+    s = GenerationSettings(temperature=0.0, max_new_tokens=48)
+    prompts = ["Write a poem about the sea.", "Explain how a bicycle works."]
+    order: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def chat(i: int) -> None:
+        try:
+            for ev in eng.stream_chat([], prompts[i], s):
+                with lock:
+                    if not any(o == ("first", i) for o in order):
+                        order.append(("first", i))
+                    if ev.done:
+                        order.append(("done", i))
+                        results[i] = ev
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)  # a hang guard only
+    assert not errors and len(results) == 2, errors
+    assert all(ev.n_tokens >= 20 and ev.text.strip() for ev in results.values())  # long enough to overlap
+    first_done = next(k for k, (what, _) in enumerate(order) if what == "done")
+    assert {i for what, i in order[:first_done] if what == "first"} == {0, 1}, order
 
 
 def test_abandoned_chat_frees_its_slot(q41: ChatEngine, hf: ChatEngine) -> None:

@@ -11,8 +11,16 @@ import pytest
 
 from eval.config import EvalConfig, GenSetConfig, HeldoutConfig
 from eval.generate import read_partial
-from eval.sets import (EvalItem, gsm8k_gold, gsm8k_pred, load_gsm8k, load_ifeval, score_gsm8k, score_ifeval,
-                       stable_subset)
+from eval.sets import (
+    EvalItem,
+    gsm8k_gold,
+    gsm8k_pred,
+    load_gsm8k,
+    load_ifeval,
+    score_gsm8k,
+    score_ifeval,
+    stable_subset,
+)
 from tomelab.errors import DataError
 
 
@@ -184,7 +192,7 @@ def test_serving_engine_generation_equals_batched_generation_and_resumes(smollm2
     """`engine = "llama.cpp"` generates through the app's ChatEngine: same template, greedy, stop tokens.
     With the transformers backend behind that ChatEngine the outputs must equal batched `generate_greedy`."""
     from eval.generate import generate_greedy, generate_greedy_engine
-    from tomelab.inference import load_engine
+    from tomelab.engines.choice import load_engine
 
     items = stable_subset(load_ifeval(shared_data / "ifeval" / "input_data.jsonl").items, 3)
     prompts = [(it.id, it.messages) for it in items]
@@ -240,3 +248,40 @@ def test_two_engine_workers_share_one_partial_file(tmp_path: Path):
     asked.clear()
     assert generate_greedy_engine(OtherWorkerMeanwhile(), prompts, max_new_tokens=4, partial_path=partial,
                                   reverse=True) == done and asked == []  # nothing left to do
+
+
+def test_several_engines_share_one_queue_each_with_its_slots(tmp_path: Path):
+    """`engine_workers` servers: every prompt is answered once, and each engine is driven by exactly its
+    own `slots` worker threads (so both cores' servers stay busy, and no engine gets more than it batches)."""
+    import threading
+    from types import SimpleNamespace
+
+    from eval.generate import generate_greedy_engine
+
+    class Fake:
+        engine_name = "fake"
+
+        def __init__(self, name: str, slots: int) -> None:
+            self.name, self.backend, self.threads, self.answered = name, SimpleNamespace(slots=slots), set(), []
+
+        def generate(self, msgs, settings):
+            self.threads.add(threading.get_ident())
+            if int(msgs[-1]["content"][1:]) < 5:
+                first_five.wait()  # the first 5 prompts are in flight together: 5 worker threads exist
+            self.answered.append(msgs[-1]["content"])
+            return SimpleNamespace(text=f"{self.name}:{msgs[-1]['content']}")
+
+    first_five = threading.Barrier(5, timeout=60)
+    a, b = Fake("a", 2), Fake("b", 3)
+    prompts = [(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(40)]
+    done = generate_greedy_engine([a, b], prompts, max_new_tokens=4, partial_path=tmp_path / "p.jsonl")
+    assert set(done) == {pid for pid, _ in prompts}
+    assert sorted(a.answered + b.answered) == sorted(f"q{i}" for i in range(40))  # each prompt exactly once
+    assert len(a.threads) == 2 and len(b.threads) == 3 and not (a.threads & b.threads)
+    assert read_partial(tmp_path / "p.jsonl") == done
+    from eval.config import EvalConfig
+    from tomelab.config import from_dict
+    from tomelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine_workers"):
+        from_dict(EvalConfig, {"engine_workers": 0}, file="t.toml")

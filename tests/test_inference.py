@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from tomelab.engines.backend_llamacpp import llama_cpp_available
+from tomelab.engines.chat import ChatEngine, GenerationSettings, fit_prompt, render_messages
+from tomelab.engines.choice import load_engine
+from tomelab.engines.match import MATCH_PROMPTS, TIE_NATS, compare_greedy, greedy_ids, tie_gap
 from tomelab.errors import TomelabError
-from tomelab.inference import (
-    MATCH_PROMPTS,
-    TIE_NATS,
-    ChatEngine,
-    GenerationSettings,
-    compare_greedy,
-    fit_prompt,
-    greedy_ids,
-    llama_cpp_available,
-    load_engine,
-    render_messages,
-    tie_gap,
-)
 
 
 @pytest.fixture(scope="module")

@@ -270,13 +270,11 @@ def _curve(run_dir: Path) -> list[tuple]:
 def test_train_run_end_to_end_and_skip(tmp_home: Path, smollm2_dir: Path) -> None:
     from peft import PeftModel
 
+    from tomelab.models import load_model
+    from training.data import read_conversations, tokenize_rows, variant_paths
     from training.fixtures import alpaca_variant
     from training.load import load_base_tokenizer
-    from training.train import AssistantLoss, evaluate_loss, train_run
-    from training.data import read_conversations, tokenize_rows, variant_paths
-    from tomelab.models import load_model
-
-    from training.train import cpu_has_native_bf16
+    from training.train import AssistantLoss, cpu_has_native_bf16, evaluate_loss, train_run
 
     alpaca_variant("tiny", 12, n_val=4)
     cfg = tiny_config()

@@ -58,14 +58,13 @@ def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, where, file)
-            except ConfigError as e:  # try the next member of the union
-                errors.append(e)
+            except ConfigError:  # try the next member of the union
+                pass
         raise fail()
     if origin is Literal:
         if value not in get_args(tp):

@@ -7,8 +7,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,6 +69,29 @@ def exclusive(target: str | Path, what: str = "work on") -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty `<path>.partial` folder to fill; it replaces `path` only if the block succeeds.
+
+    For folders written by libraries (`save_pretrained`): a killed writer leaves a `.partial`
+    (cleared by the next attempt), never a half-written `path` that a reader would take as whole.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -97,6 +121,16 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
     return Path(path)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (plots are PNG artefacts, never windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from tomelab import paths
+from tomelab.artifacts import Results, Variant
 from tomelab.serving import argilla_url, display_path
 
 PAGE = 25
@@ -37,7 +37,7 @@ def read_parquet(path: Path) -> pl.DataFrame | None:
 
 def leaderboard(results_dir: Path) -> pl.DataFrame | None:
     """leaderboard.csv with whatever columns it has (CIs, MDE, p-values...), numbers rounded for reading."""
-    p = results_dir / "leaderboard.csv"
+    p = Results(results_dir).leaderboard_csv
     if not p.is_file():
         return None
     df = pl.read_csv(p, infer_schema_length=None, null_values=["", "nan", "NaN"])
@@ -94,7 +94,7 @@ def winner_markdown(results_dir: Path) -> str:
 
 
 def leaderboard_md(results_dir: Path) -> str:
-    p = results_dir / "leaderboard.md"
+    p = Results(results_dir).leaderboard_md
     if not p.is_file():
         return f"_No `{display_path(p)}`._"
     # its headings one level down, so they sit under the Lab's own
@@ -111,7 +111,7 @@ def plots(results_dir: Path) -> list[tuple[str, str]]:
 
 def variants(results_dir: Path | None, cards: list[Path]) -> list[str]:
     """Variants with rows, a card or a leaderboard row (the base model's row excluded)."""
-    names = {p.parent.name for p in paths.variants_dir().glob("*/train.parquet")}
+    names = {v.name for v in Variant.all("train.parquet")}
     for d in cards:
         names |= {p.stem for p in d.glob("*.md") if not p.stem.startswith("README")}
     df = leaderboard(results_dir) if results_dir is not None else None
@@ -144,7 +144,7 @@ def card(name: str | None, cards: list[Path]) -> tuple[str, str | None]:
 
 
 def _variant_file(name: str, file: str) -> Path:
-    return paths.variants_dir() / name / file
+    return Variant(name).dir / file
 
 
 def _text_of(messages: Any, role: str, last: bool = False) -> str:
@@ -319,10 +319,10 @@ def review_markdown(name: str | None = None, timeout_s: float = 1.5) -> str:
                 f"(or set ARGILLA_API_URL), then push rows with `tomelab review push VARIANT`.")
     if not up:
         return f"Argilla at {url} answered HTTP {r.status_code}: not usable now."
-    pushed = sorted(p.parent.parent.name for p in paths.variants_dir().glob("*/review/pushed.parquet"))
+    pushed = [v.name for v in Variant.all("review/pushed.parquet")]
     lines = [f"Argilla is up: **[open the review UI]({url})** ({url})."]
     for v in pushed:
-        df = read_parquet(paths.variants_dir() / v / "review" / "pushed.parquet")
+        df = read_parquet(Variant(v).review_dir / "pushed.parquet")
         ds = df["dataset"][0] if df is not None and "dataset" in df.columns and df.height else f"?-{v}"
         lines.append(f"- `{v}`: {df.height if df is not None else 0} rows pushed to dataset **`{ds}`** "
                      f"([datasets]({url}/datasets))")

@@ -12,15 +12,15 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tomelab import paths
 from tomelab.errors import TomelabError
-from tomelab.io import write_json
+from tomelab.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +184,10 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
         if eos_id is None or eos_id == tok.unk_token_id:
             raise TomelabError(f"{spec.name}: token {spec.eos_token} is not in the vocabulary")
         model.generation_config.eos_token_id = sorted({eos_id, tok.eos_token_id})
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    write_json(tmp / "tomelab_model.json", {"name": spec.name, "hub_id": spec.hub_id, "from_gguf": str(gguf)})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # the cache appears whole or not at all
+    with atomic_dir(out) as tmp:  # the cache appears whole or not at all
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "tomelab_model.json", {"name": spec.name, "hub_id": spec.hub_id, "from_gguf": str(gguf)})
     log.info("cached %s at %s in %.1fs", spec.name, out, time.perf_counter() - t0)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -37,18 +38,6 @@ ROW_SCHEMA = pa.schema(
         ("meta", pa.string()),
     ]
 )
-
-# Reasons a row is quarantined at load time (stable codes; the detail string says more).
-QUARANTINE_REASONS = (
-    "bad_json",
-    "missing_field",
-    "empty_conversation",
-    "empty_turn",
-    "unknown_role",
-    "non_alternating",
-    "no_final_assistant",
-)
-
 
 def row_id(messages: Iterable[dict[str, str]]) -> str:
     """Stable content hash of a conversation: same messages, same id, whatever the source."""
@@ -98,13 +87,3 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 def conversation_text(messages: list[dict[str, str]]) -> str:
     """All turns joined, for hashing, dedup and decontamination."""
     return "\n".join(m["content"] for m in messages)
-
-
-def prompt_text(messages: list[dict[str, str]]) -> str:
-    """The user side (and system) of a conversation."""
-    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-
-
-def response_text(messages: list[dict[str, str]]) -> str:
-    """The assistant side of a conversation."""
-    return "\n".join(m["content"] for m in messages if m["role"] == "assistant")

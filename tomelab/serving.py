@@ -18,18 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tomelab import paths
+from tomelab.artifacts import HOME_PREFIX, Results, Run, resolve_results_dir  # noqa: F401  (re-exported)
 from tomelab.errors import TomelabError
 from tomelab.io import read_json
-
-HOME_PREFIX = "home:"  # a results_dir value relative to the artefact home
-
-
-def resolve_results_dir(value: str | Path) -> Path:
-    """A config's `results_dir`: `home:x` is `<artefact home>/x`, anything else a path as given."""
-    s = str(value)
-    if s.startswith(HOME_PREFIX):
-        return paths.home() / s[len(HOME_PREFIX):].lstrip("/")
-    return Path(s)
 
 
 def ablation_results_dir(config: str | Path) -> Path:
@@ -67,7 +58,12 @@ class Winner:
 
     @property
     def file(self) -> Path:
-        return self.results_dir / "winner.json"
+        return Results(self.results_dir).winner_path
+
+    @property
+    def system(self) -> str | None:
+        """Its leaderboard row: the arm or recipe name (sweeps and blocked ablations), not the run's folder."""
+        return Results.winner_system(self.data)
 
     @property
     def ablation(self) -> str:
@@ -178,7 +174,7 @@ def find_results_dirs(roots: list[Path]) -> list[Path]:
 
 def discover_winners(roots: list[Path]) -> list[Winner]:
     """Every winner.json under `roots`, resolved, newest first (a fresh clone: by path)."""
-    return [load_winner(d) for d in find_results_dirs(roots) if (d / "winner.json").is_file()]
+    return [load_winner(d) for d in find_results_dirs(roots) if Results(d).winner_path.is_file()]
 
 
 @dataclass
@@ -194,19 +190,23 @@ class ModelEntry:
     metrics: dict = field(default_factory=dict)
     results_dir: Path | None = None  # the leaderboard this model has a row in
     winner: Winner | None = None
+    system: str | None = None  # its row in that leaderboard (None: look it up by `variant`)
+
+    @property
+    def leaderboard_system(self) -> str | None:
+        return self.system or self.variant
 
 
 def finished_runs(runs_dir: Path) -> list[ModelEntry]:
     """Run dirs `<variant>/<base>/<seed>/` that hold metrics.json (training + eval finished)."""
     out = []
-    for m in sorted(runs_dir.glob("*/*/*/metrics.json")):
-        run = m.parent
+    for run in Run.finished(runs_dir):
         try:
-            metrics = read_json(m)
+            metrics = read_json(run.metrics_path)
         except (OSError, ValueError):
             continue
-        variant, base, seed = run.parent.parent.name, run.parent.name, run.name
-        out.append(ModelEntry(f"run: {variant} / {base} / seed {seed}", str(run), "run", variant, base, seed,
+        variant, base, seed = run.variant, run.base_key, run.seed
+        out.append(ModelEntry(f"run: {variant} / {base} / seed {seed}", str(run.dir), "run", variant, base, seed,
                               metrics if isinstance(metrics, dict) else {}))
     return out
 
@@ -221,7 +221,8 @@ def model_entries(winners: list[Winner], default_base: str, runs_dir: Path | Non
         used.add(w.run.resolve())
         d = w.data
         entries.append(ModelEntry(w.label, str(w.run), "winner", d["variant"], d["base"], d.get("seed"),
-                                  d.get("metrics") if isinstance(d.get("metrics"), dict) else {}, w.results_dir, w))
+                                  d.get("metrics") if isinstance(d.get("metrics"), dict) else {}, w.results_dir, w,
+                                  system=w.system))
     first = next((w for w in winners if w.ok), None)
     bases = [first.data["base"]] if first else []
     bases += [b for b in [default_base] if b not in bases]

@@ -23,7 +23,7 @@ class StageStats:
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
 
-    def check(self) -> "StageStats":
+    def check(self) -> StageStats:
         """Fail loudly if the stage lost or invented rows."""
         if self.rows_in != self.kept + self.n_dropped:
             raise AssertionError(
@@ -38,7 +38,7 @@ class StageStats:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageStats":
+    def from_dict(cls, d: dict[str, Any]) -> StageStats:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -46,7 +46,7 @@ class StageStats:
 class Timer:
     """`with Timer() as t: ...; t.seconds`"""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._t0 = time.perf_counter()
         self.seconds = 0.0
         return self

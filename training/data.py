@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from tomelab import paths
+from tomelab.artifacts import Variant
 from tomelab.errors import DataError, TomelabError
-from tomelab.io import read_json
 from tomelab.schema import validate_messages
 from tomelab.stats import StageStats, Timer
 
@@ -49,23 +48,19 @@ class Example:
 
 def variant_paths(variant: str) -> tuple[Path, Path]:
     """(train.parquet, val.parquet) for a curated variant, with a clear error when missing."""
-    vdir = paths.variants_dir() / variant
-    train = vdir / "train.parquet"
+    v = Variant(variant)
+    train = v.train
     if not train.is_file():
         raise TomelabError(
             f"variant {variant!r} was never curated: {train} does not exist. "
             f"Run `tomelab curate configs/variants/{variant}.toml` first."
         )
-    stats_path = vdir / "stats.json"
+    stats_path = v.stats_path
     if not stats_path.is_file():
         raise TomelabError(f"{stats_path} is missing, so the held-out split of {variant!r} is unknown. Re-run `tomelab curate` for it.")
-    stats = read_json(stats_path)
-    heldout = stats.get("heldout_dir")
-    if not heldout:
+    hdir = v.heldout_dir()  # paths relative to the artefact home allowed
+    if hdir is None:
         raise TomelabError(f"{stats_path}: field `heldout_dir` is missing or empty. Re-run `tomelab curate` for {variant!r}.")
-    hdir = Path(heldout)
-    if not hdir.is_absolute() and not hdir.is_dir():
-        hdir = paths.home() / heldout  # allow paths relative to the artefact home
     val = hdir / "val.parquet"
     if not val.is_file():
         raise TomelabError(f"validation slice {val} (from {stats_path} `heldout_dir`) does not exist. Re-run `tomelab curate` for {variant!r}.")
@@ -131,7 +126,7 @@ def tokenize_conversation(tok: Any, rid: str, messages: list[dict[str, str]]) ->
     text, spans = assistant_char_spans(tok, messages)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = []
-    for a, b in enc["offset_mapping"]:
+    for a, _ in enc["offset_mapping"]:
         mask.append(any(s <= a < e for s, e in spans))  # trained if it starts inside an assistant span
     return Example(rid, list(enc["input_ids"]), mask)
 

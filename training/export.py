@@ -4,7 +4,7 @@ The merged folder is an ordinary transformers model (no peft needed to load it) 
 tokenizer and chat template the run trained with, plus `tomelab_export.json` recording its lineage
 so `training.load.describe` and the app can tell which run it came from. GGUF is optional: the HF ->
 GGUF converter is not in any wheel, so it is taken from llama.cpp as vendored in the
-llama-cpp-python sdist (see `tomelab.inference.ensure_converter`).
+llama-cpp-python sdist (see `tomelab.engines.convert.ensure_converter`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tomelab.artifacts import ADAPTER_DIR, EXPORT_INFO, Run
 from tomelab.errors import TomelabError
-from tomelab.io import current_umask, read_json, write_json
-from training.load import ADAPTER_DIR, EXPORT_INFO, find_run_dir, load_base_tokenizer
+from tomelab.io import atomic_path, current_umask, read_json, write_json
+from training.load import load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,16 @@ def adapter_digest(run_dir: Path) -> str:
 def export_run(ref: str | Path, *, out: str | Path | None = None, dtype: str = "float32", gguf: str | None = None,
                force: bool = False) -> Path:
     """Merge the adapter of run `ref` into its base; returns the merged folder (skipped if up to date)."""
-    run_dir = find_run_dir(ref)
-    if run_dir is None:
+    run = Run.find(ref)
+    if run is None:
         raise TomelabError(
             f"{ref} is not a training run (no {ADAPTER_DIR}/adapter_config.json). "
             f"Pass artifacts/runs/<variant>/<base>/<seed>, e.g. one listed by `ls artifacts/runs/*/*/`."
         )
-    if not (run_dir / "metrics.json").is_file():
+    run_dir = run.dir
+    if not run.is_finished:
         raise TomelabError(f"{run_dir} is not finished (no metrics.json). Finish it with `tomelab train` first.")
-    info = read_json(run_dir / "config.json")
+    info = run.config()
     out_dir = Path(out).expanduser().resolve() if out else run_dir / MERGED_DIR
     _check_out_dir(out_dir)
     digest = adapter_digest(run_dir)
@@ -112,11 +114,10 @@ def _maybe_gguf(out_dir: Path, outtype: str | None) -> Path:
     target = out_dir / f"model-{outtype}.gguf"
     if target.is_file():
         return out_dir
-    from tomelab.inference import export_gguf
+    from tomelab.engines.convert import export_gguf
 
     src = export_gguf(out_dir, outtype)  # cached conversion; raises TomelabError if no converter
-    tmp = target.with_name(target.name + ".partial")
-    shutil.copyfile(src, tmp)
-    tmp.rename(target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(src, tmp)
     log.info("wrote %s", target)
     return out_dir

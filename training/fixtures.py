@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from tomelab import paths
+from tomelab.artifacts import Variant
 from tomelab.errors import TomelabError
 from tomelab.io import write_json, write_parquet
 from tomelab.schema import make_row, rows_to_table
@@ -34,12 +35,12 @@ def alpaca_rows(n: int, *, offset: int = 0, max_chars: int = 1200) -> list[dict]
 
 def write_variant(name: str, train_rows: list[dict], val_rows: list[dict], *, heldout_key: str = "fixture") -> Path:
     """Write a variant folder in curation's layout under the current artefact home."""
-    vdir = paths.variants_dir() / name
+    v = Variant(name)
     hdir = paths.home() / "heldout" / heldout_key
     write_parquet(hdir / "val.parquet", rows_to_table(val_rows))
-    write_parquet(vdir / "train.parquet", rows_to_table(train_rows))
-    write_json(vdir / "stats.json", {"variant": name, "config_hash": "fixture", "heldout_dir": str(hdir), "stages": []})
-    return vdir
+    write_parquet(v.train, rows_to_table(train_rows))
+    write_json(v.stats_path, {"variant": name, "config_hash": "fixture", "heldout_dir": str(hdir), "stages": []})
+    return v.dir
 
 
 def alpaca_variant(name: str, n_train: int, n_val: int = 16) -> Path:

@@ -66,6 +66,31 @@ def resolve_hardware(cfg: TrainConfig) -> tuple[str, str, str]:
     return device, quant, "bfloat16" if precision == "bf16" else "float32"
 
 
+def load_training_base(base: str, quant: str, dtype: str, device: str) -> Any:
+    """The frozen base the run trains LoRA on: nf4 + double quant (QLoRA) when `quant` is 4bit, else `dtype`."""
+    import torch
+
+    from tomelab.models import load_model
+
+    if device == "cuda":  # this rank's GPU (accelerate sets the current device of each DDP rank; 0 alone)
+        device = f"cuda:{torch.cuda.current_device()}"
+    if quant == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = load_model(base, quantize_4bit=True, device=device)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return load_model(base, dtype=dtype, device=device)
+
+
+def oom_error(e: BaseException, cfg: TrainConfig, step: int) -> TomelabError:
+    """The one-line fix for running out of (GPU or host) memory: smaller batches, or shorter rows."""
+    return TomelabError(
+        f"out of memory at step {step} ({type(e).__name__}) with batch_size={cfg.batch_size}, "
+        f"max_length={cfg.max_length}. Lower batch_size (raise grad_accum to keep the effective batch) "
+        f"or lower max_length in the train config; a re-run resumes from the last checkpoint."
+    )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """The resumable state in `path`, or None (start over) when it is missing or not a plain checkpoint.
 

@@ -14,15 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tomelab import paths
+from tomelab.artifacts import ADAPTER_DIR, EXPORT_INFO, RUN_CONFIG, Run  # noqa: F401  (re-exported)
 from tomelab.errors import TomelabError
 from tomelab.io import read_json
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG = "config.json"  # the resolved TrainConfig + lineage, written by training.train
-ADAPTER_DIR = "adapter"
-EXPORT_INFO = "tomelab_export.json"  # written by training.export into a merged folder
 
 
 _ROUND_TRIP = "Hello world\n  two spaces, 42."
@@ -58,38 +54,21 @@ def load_base_tokenizer(base: str) -> Any:
 
 def find_run_dir(ref: str | Path) -> Path | None:
     """The run directory `ref` points at (run dir, its adapter folder, or a runs-relative key), else None."""
-    candidates = [Path(ref).expanduser()]
-    if not Path(ref).is_absolute():
-        candidates.append(paths.runs_dir() / str(ref))
-    for p in candidates:
-        if (p / ADAPTER_DIR / "adapter_config.json").is_file():
-            return p.resolve()
-        if (p / "adapter_config.json").is_file() and (p.parent / RUN_CONFIG).is_file():
-            return p.parent.resolve()
-    return None
-
-
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    cfg_path = run_dir / RUN_CONFIG
-    if not cfg_path.is_file():
-        raise TomelabError(
-            f"{run_dir} has an adapter but no {RUN_CONFIG}, so its base model is unknown. "
-            f"Re-run `tomelab train` for this run, or load the base and adapter yourself."
-        )
-    return read_json(cfg_path)
+    run = Run.find(ref)
+    return run.dir if run is not None else None
 
 
 def describe(ref: str | Path) -> dict[str, Any]:
     """What a reference is, for display: {kind, variant, base, seed, run_dir, model_dir}."""
-    run_dir = find_run_dir(ref)
-    if run_dir is not None:
-        info = _run_info(run_dir)
+    run = Run.find(ref)
+    if run is not None:
+        info = run.config()
         return {
             "kind": "run",
             "variant": info.get("variant"),
             "base": info.get("base"),
             "seed": info.get("seed"),
-            "run_dir": str(run_dir),
+            "run_dir": str(run.dir),
             "model_dir": None,
         }
     p = Path(ref).expanduser()
@@ -110,8 +89,8 @@ def load_for_inference(ref: str | Path, *, dtype: str = "float32") -> tuple[Any,
     """(model, tokenizer) ready for `generate`, in eval mode, with the chat template the run trained on."""
     from tomelab.models import load_model
 
-    run_dir = find_run_dir(ref)
-    if run_dir is None:
+    run = Run.find(ref)
+    if run is None:
         # a base model (registry name, hub id, folder) or a merged export folder
         model = load_model(str(ref), dtype=dtype)
         tok = load_base_tokenizer(str(ref))
@@ -120,13 +99,11 @@ def load_for_inference(ref: str | Path, *, dtype: str = "float32") -> tuple[Any,
 
     from peft import PeftModel
 
-    info = _run_info(run_dir)
-    base = info["base"]
+    base = run.config()["base"]
     model = load_model(base, dtype=dtype)
-    adapter = run_dir / ADAPTER_DIR
-    model = PeftModel.from_pretrained(model, str(adapter))
+    model = PeftModel.from_pretrained(model, str(run.adapter))
     model = model.merge_and_unload()  # plain model again: no LoRA overhead per token
     tok = load_base_tokenizer(base)  # same tokenizer and chat template the run trained with
     model.eval()
-    log.info("loaded run %s (base %s, merged adapter)", run_dir, base)
+    log.info("loaded run %s (base %s, merged adapter)", run.dir, base)
     return model, tok

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from tomelab import paths
+from tomelab.artifacts import ADAPTER_DIR, METRICS, RUN_CONFIG, TRAIN_LOG, Run, base_key  # noqa: F401  (re-exported)
 from tomelab.config import config_hash, safe_name_problem, to_dict
 from tomelab.errors import TomelabError
-from tomelab.io import atomic_path, exclusive, read_json, write_json, write_jsonl
-from tomelab.models import find_spec, resolve_model
+from tomelab.io import atomic_dir, atomic_path, exclusive, pyplot, read_json, save_figure, write_json, write_jsonl
+from tomelab.models import resolve_model
 from training.data import (
     Example,
     collate,
@@ -38,47 +37,33 @@ from training.data import (
     tokenize_rows,
     variant_paths,
 )
+from training.distributed import Dist
 from training.hardware import (  # noqa: F401  (re-exported: the run's hardware choices live there)
     auto_precision_override,
     check_target_modules,
     cpu_has_native_bf16,
     load_checkpoint,
+    load_training_base,
+    oom_error,
     peak_rss_mb,
     precision_of,
     resolve_hardware,
 )
-from training.load import ADAPTER_DIR, RUN_CONFIG, load_base_tokenizer
+from training.load import load_base_tokenizer
 from training.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
-TRAIN_LOG = "train_log.jsonl"
+_load_model = load_training_base  # the name bench/training.py imports
 
 
 class _Interrupted(Exception):
     """Raised by the test hook to simulate a kill between checkpoints."""
 
 
-def base_key(base: str) -> str:
-    """The folder name of a base model inside a run path: the registry name, else a slug."""
-    spec = find_spec(base)
-    if spec is not None:
-        return spec.name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(base).name or base).strip("-") or "base"
-
-
 def run_dir_for(variant: str, base: str, seed: int) -> Path:
-    return paths.runs_dir() / variant / base_key(base) / str(seed)
-
-
-def _oom_error(e: BaseException, cfg: TrainConfig, step: int) -> TomelabError:
-    return TomelabError(
-        f"out of memory at step {step} ({type(e).__name__}) with batch_size={cfg.batch_size}, "
-        f"max_length={cfg.max_length}. Lower batch_size (raise grad_accum to keep the effective batch) "
-        f"or lower max_length in the train config; a re-run resumes from the last checkpoint."
-    )
+    return Run.of(variant, base, seed).dir
 
 
 class AssistantLoss:
@@ -112,30 +97,30 @@ def _autocast(device: str, enabled: bool):
 
 
 def evaluate_loss(loss_fn: AssistantLoss, model: Any, examples: list[Example], *, batch_size: int, pad_id: int,
-                  device: str, bf16: bool) -> float:
-    """Mean assistant-token loss over `examples` (the fixed validation slice)."""
+                  device: str, bf16: bool, dist: Dist | None = None) -> float:
+    """Mean assistant-token loss over `examples` (the fixed validation slice; under DDP each rank scores a share)."""
     import torch
 
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
     total, n = 0.0, 0
     with torch.no_grad(), _autocast(device, bf16):
         for i in range(0, len(order), batch_size):
+            if not dist.eval_share(i // batch_size):
+                continue
             batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
             s, k = loss_fn(batch, device)
             total += float(s)
             n += k
     model.train(was_training)
+    total, n = dist.sum(total, n)
     return total / max(n, 1)
 
 
 def _plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tr = [r for r in records if "loss" in r]
     va = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -148,20 +133,8 @@ def _plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-
-
-def _load_model(base: str, quant: str, dtype: str, device: str) -> Any:
-    from tomelab.models import load_model
-
-    if quant == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = load_model(base, quantize_4bit=True, device=device)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return load_model(base, dtype=dtype, device=device)
 
 
 # knobs added after runs were made: left out of the recorded recipe while at their default, so the
@@ -219,11 +192,12 @@ def train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bo
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TomelabError(f"--seed must be an integer >= 0, got {seed!r}.")
     variant_paths(variant)  # an uncurated variant fails before any lock folder is made
-    with exclusive(run_dir_for(variant, base, seed), "train"):
-        return _train_run(variant, base, seed, cfg, force=force, _interrupt_after_step=_interrupt_after_step)
+    dist = Dist.current()  # one process, or this rank of a torchrun / accelerate launch group (only rank 0 locks)
+    with dist.lock(lambda: exclusive(run_dir_for(variant, base, seed), "train")):
+        return _train_run(variant, base, seed, cfg, force=force, dist=dist, _interrupt_after_step=_interrupt_after_step)
 
 
-def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bool,
+def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bool, dist: Dist,
                _interrupt_after_step: int | None) -> Path:
     import torch
     from tqdm import tqdm
@@ -235,19 +209,24 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
     resolved = _resolved_config(variant, base, seed, cfg, train_path, val_path, device, quant, dtype)
     run_dir = run_dir_for(variant, base, seed)
 
-    if (run_dir / METRICS).is_file() and not force:
-        old = read_json(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else {}
-        if old.get("config_hash") == resolved["config_hash"]:
-            log.info("run %s is finished with the same config: skipped", run_dir)
-            return run_dir
-        raise TomelabError(
-            f"{run_dir} holds a finished run with a different config or data (hash {old.get('config_hash')} != "
-            f"{resolved['config_hash']}). Re-run with --force to retrain it, or delete that folder."
-        )
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / RUN_CONFIG, resolved)
+    def prepare() -> bool:  # rank 0 decides for every rank: skip a finished run, refuse a changed one, or (re)start
+        if (run_dir / METRICS).is_file() and not force:
+            old = read_json(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else {}
+            if old.get("config_hash") == resolved["config_hash"]:
+                log.info("run %s is finished with the same config: skipped", run_dir)
+                return True
+            raise TomelabError(
+                f"{run_dir} holds a finished run with a different config or data (hash {old.get('config_hash')} != "
+                f"{resolved['config_hash']}). Re-run with --force to retrain it, or delete that folder."
+            )
+        if force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RUN_CONFIG, resolved)
+        return False
+
+    if dist.on_main(prepare):
+        return run_dir
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -281,7 +260,7 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
     from transformers import get_scheduler
 
     torch.manual_seed(seed)
-    model = _load_model(base, quant, dtype, device)
+    model = load_training_base(base, quant, dtype, device)
     targets: Any = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
     if targets != "all-linear":
         check_target_modules(model, targets, base)
@@ -314,8 +293,12 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
             log.info("resuming %s from step %d/%d", run_dir, state["step"], total_steps)
         else:
             log.warning("%s: checkpoint is from a different config or data; starting over", ckpt_path)
+    dist.agree(state["step"], "the step to resume from",
+               f"Every rank must read the same {ckpt_path}: put TOMELAB_HOME on a filesystem all nodes share.")
 
     def save_checkpoint() -> None:
+        if not dist.is_main:  # one writer; every rank holds the same weights and optimiser state
+            return
         with atomic_path(ckpt_path) as tmp:
             torch.save({"config_hash": resolved["config_hash"], "plan": digest,
                         "lora": get_peft_model_state_dict(model), "optimizer": opt.state_dict(),
@@ -323,26 +306,32 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         write_jsonl(run_dir / TRAIN_LOG, state["log"])
 
     def run_eval() -> float:
-        v = evaluate_loss(loss_fn, model, val_ex, batch_size=cfg.batch_size, pad_id=pad_id, device=device, bf16=use_autocast)
+        v = evaluate_loss(loss_fn, model, val_ex, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
+                          bf16=use_autocast, dist=dist)
         state["log"].append({"step": state["step"], "tokens": state["tokens"], "val_loss": round(v, 5)})
         return v
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {variant}/{base_key(base)}/{seed}", unit="step")
+    fwd = dist.wrap_loss(model, loss_fn)  # the loss itself, or under DDP a wrapped module that syncs LoRA grads
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {variant}/{base_key(base)}/{seed}", unit="step",
+               disable=not dist.is_main)
     try:
         while state["step"] < total_steps and not state["stopped_early"]:
             i = state["step"]
-            torch.manual_seed(seed * 1_000_003 + i)  # dropout RNG: a function of (seed, step), so resume is exact
+            # dropout RNG: a function of (seed, step) (and the rank under DDP), so resume is exact
+            torch.manual_seed((seed * 1_000_003 + i) * dist.world_size + dist.rank)
             micro = steps[i]
             n_loss = sum(train_ex[j].n_loss for mb in micro for j in mb)
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
-            for mb in micro:
-                batch = collate([train_ex[j] for j in mb], pad_id)
-                with _autocast(device, use_autocast):
-                    s, _ = loss_fn(batch, device)
-                (s / n_loss).backward()
-                step_loss += float(s.detach())
-                step_tokens += batch["n_tokens"]
+            for rows, weight, sync in dist.shard(micro):  # this rank's rows of each micro-batch (all of them alone)
+                batch = collate([train_ex[j] for j in rows], pad_id)
+                with sync:
+                    with _autocast(device, use_autocast):
+                        s, _ = fwd(batch, device)
+                    (s / n_loss * weight).backward()
+                step_loss += float(s.detach()) * (weight > 0)
+                step_tokens += batch["n_tokens"] * (weight > 0)
+            step_loss, step_tokens = dist.sum(step_loss, step_tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             lr = sched.get_last_lr()[0]
             opt.step()
@@ -372,22 +361,22 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
             if _interrupt_after_step is not None and state["step"] >= _interrupt_after_step:
                 raise _Interrupted(f"test hook: stopped after step {state['step']}")
     except (torch.OutOfMemoryError, MemoryError) as e:
-        raise _oom_error(e, cfg, state["step"]) from None
+        raise oom_error(e, cfg, state["step"]) from None
     except RuntimeError as e:
         if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
-            raise _oom_error(e, cfg, state["step"]) from None
+            raise oom_error(e, cfg, state["step"]) from None
         raise
     finally:
         bar.close()
 
     final_val = run_eval()
+    if not dist.is_main:  # rank 0 writes the run folder; the others return once it is complete
+        dist.finish()
+        return run_dir
     write_jsonl(run_dir / TRAIN_LOG, state["log"])
-    adapter_tmp = run_dir / (ADAPTER_DIR + ".partial")
-    shutil.rmtree(adapter_tmp, ignore_errors=True)
-    model.save_pretrained(str(adapter_tmp))
-    shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
-    adapter_tmp.rename(run_dir / ADAPTER_DIR)
-    _plot_loss(state["log"], run_dir / "loss.png", f"{variant} / {base_key(base)} / seed {seed}")
+    with atomic_dir(run_dir / ADAPTER_DIR) as adapter_tmp:
+        model.save_pretrained(str(adapter_tmp))
+    _plot_loss(state["log"], Run(run_dir).loss_png, f"{variant} / {base_key(base)} / seed {seed}")
 
     losses = [r["loss"] for r in state["log"] if "loss" in r]
     tail = losses[-max(1, math.ceil(len(losses) * 0.1)):]
@@ -415,11 +404,13 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
         "base_dtype": dtype,
         "precision": precision_of(dtype),
         "threads": torch.get_num_threads(),
+        "world_size": dist.world_size,  # processes that trained it (DDP ranks; the global batch is the same)
         "data": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
         "config_hash": resolved["config_hash"],
     }
     write_json(run_dir / METRICS, metrics)  # written last: its presence marks the run finished
     if ckpt_path.exists():
         ckpt_path.unlink()
+    dist.finish()  # the other ranks wait for this: the run folder is complete when any rank returns
     log.info("run %s done: val loss %.4f, %.0f tok/s, peak RSS %.0f MB", run_dir, final_val, metrics["tok_s"], metrics["peak_rss_mb"])
     return run_dir

@@ -2,7 +2,7 @@
 
 Loading a model on transformers fp32 takes seconds; converting it for llama.cpp / CTranslate2 and
 checking the greedy match against transformers takes a minute or more on the first launch. So each
-model gets a `Slot` that is ready on transformers at once, while `tomelab.inference.load_engine`
+model gets a `Slot` that is ready on transformers at once, while `tomelab.engines.choice.load_engine`
 with the requested engine runs in a background thread (its verdicts are cached across launches under
 the artefact home's cache/engine_choice/); the slot switches engines when that finishes. The loader's
 log lines (conversions, checks) are copied into the slot's progress, which the app shows.
@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 
+from tomelab.engines.chat import ChatEngine
+from tomelab.engines.choice import load_engine
 from tomelab.errors import TomelabError
-from tomelab.inference import ChatEngine, load_engine
 from tomelab.serving import ModelEntry, display_path
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,14 @@ class EnginePool:
     """Engines by picker key. The page never waits for a conversion: each model is served at once with
     transformers fp32, while `load_engine(engine=self.engine)` converts and checks the faster runtimes
     in a background thread (verdicts cached across launches under the artefact home's
-    cache/engine_choice/), and the engine is swapped when that finishes."""
+    cache/engine_choice/), and the engine is swapped when that finishes.
+    `engine_slots`: requests one llama.cpp engine decodes together (parallel slots, continuous batching);
+    the caller lets at least that many requests through at once (the app's Gradio queue)."""
 
     def __init__(self, entries: list[ModelEntry], *, engine: str = "auto", threads: int | None = None,
-                 context_length: int = 2048, max_loaded: int = 3):
+                 context_length: int = 2048, max_loaded: int = 3, engine_slots: int = 4):
         self.engine, self.threads, self.context_length, self.max_loaded = engine, threads, context_length, max_loaded
+        self.engine_slots = max(1, int(engine_slots))
         self.entries = {e.key: e for e in entries}
         self.slots: dict[str, Slot] = {}
         self._lock = threading.Lock()
@@ -121,7 +125,7 @@ class EnginePool:
 
     def _load_in_thread(self, slot: Slot) -> None:
         e = slot.entry
-        kw = dict(label=e.key, threads=self.threads, context_length=self.context_length)
+        kw = dict(label=e.key, threads=self.threads, context_length=self.context_length, slots=self.engine_slots)
         try:
             t0 = time.perf_counter()
             slot.note(f"loading {display_path(e.ref)} with transformers fp32")

@@ -1,13 +1,15 @@
-"""llama.cpp through `xllamacpp`: llama.cpp's own server embedded in Python, as a prebuilt wheel.
+"""The llama.cpp backends: `xllamacpp` (prebuilt wheel, parallel slots) and `llama-cpp-python` (optional).
 
-Why this runtime: it installs from PyPI with no compiler (llama-cpp-python builds ~5 min from source
-and segfaults here unless built with special flags), and its server schedules concurrent requests in
-`slots` parallel sequences with continuous batching, so concurrent chats and evaluation prompts are
-decoded together instead of queueing. Requests go through the in-process handler (no HTTP); the
-server's own listener binds 127.0.0.1 on a free port and is not used.
+`xllamacpp` is llama.cpp's own server embedded in Python. Why this runtime: it installs from PyPI with
+no compiler (llama-cpp-python builds ~5 min from source and segfaults here unless built with special
+flags), and its server schedules concurrent requests in `slots` parallel sequences with continuous
+batching, so concurrent chats and evaluation prompts are decoded together instead of queueing. Requests
+go through the in-process handler (no HTTP); the server's own listener binds 127.0.0.1 on a free port
+and is not used.
 
 Token ids in, token ids out: the prompt is the ids `ChatEngine` fitted, and each streamed chunk's
 `logprobs` (top 1) carries the sampled ids, so outputs compare token for token with transformers.
+`llama_cpp_backend` picks the runtime; `TOMELAB_LLAMACPP=llama-cpp-python` forces the older one.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import importlib.util
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from tomelab.engines.chat import GenerationSettings, default_threads
 from tomelab.errors import TomelabError
 
 
@@ -135,3 +139,63 @@ class XLlamaBackend:
     def close(self) -> None:
         """Stop the server now (it also stops when garbage-collected)."""
         self.server = None  # type: ignore[assignment]
+
+
+class LlamaCppBackend:
+    """llama.cpp on a GGUF; one generation at a time per model (a llama context is not thread-safe)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf: str | Path, *, threads: int | None = None, context_length: int = 2048):
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise TomelabError(
+                "llama.cpp engine needs llama-cpp-python. Build it with "
+                'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AVX2=ON '
+                '-DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python==0.3.36, or use --engine transformers.'
+            ) from e
+        self.gguf = Path(gguf)
+        self.threads = threads or default_threads()
+        self.context_length = context_length
+        self.llm = Llama(
+            model_path=str(self.gguf), n_ctx=context_length, n_threads=self.threads,
+            n_threads_batch=self.threads, n_batch=512, verbose=False,
+        )
+        self.dtype = self.gguf.stem.rsplit("-", 1)[-1]
+        self._lock = threading.Lock()
+
+    def iter_tokens(
+        self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
+    ) -> Iterator[int]:
+        greedy = settings.temperature == 0.0
+        with self._lock:
+            if settings.seed is not None:
+                self.llm.set_seed(settings.seed)
+            gen = self.llm.generate(
+                prompt_ids, top_k=0 if not greedy else 1, top_p=1.0 if greedy else settings.top_p,
+                min_p=0.0, temp=settings.temperature, repeat_penalty=1.0,
+            )
+            try:
+                for i, tid in enumerate(gen):
+                    if cancel.is_set():
+                        break
+                    yield int(tid)
+                    if int(tid) in stop_ids or i + 1 >= settings.max_new_tokens:
+                        break
+            finally:
+                gen.close()
+
+
+def llama_cpp_available() -> bool:
+    """A llama.cpp runtime is installed: `xllamacpp` (prebuilt, preferred) or `llama-cpp-python`."""
+    return xllamacpp_available() or importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_backend(gguf: str | Path, *, threads: int | None = None, context_length: int = 2048,
+                      slots: int = 4) -> Any:
+    """llama.cpp on `gguf`: xllamacpp's embedded server (parallel slots, continuous batching) when
+    installed, else llama-cpp-python (one request at a time). `TOMELAB_LLAMACPP=llama-cpp-python` forces it."""
+    if xllamacpp_available() and os.environ.get("TOMELAB_LLAMACPP") != "llama-cpp-python":
+        return XLlamaBackend(gguf, threads=threads or 1, context_length=context_length, slots=slots)
+    return LlamaCppBackend(gguf, threads=threads, context_length=context_length)
