@@ -28,38 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RECIPE = """name = "scale"
-budget_rows = {budget}
-seed = 0
-[[sources]]
-name = "pool"
-kind = "generic"
-path = "{data}"
-columns = {{messages = "messages", meta = ["bench_origin"]}}
-[heldout]
-test_rows = 300
-val_rows = 100
-[exact_dedup]
-enabled = true
-[minhash]
-enabled = true
-[filters]
-enabled = ["length", "language", "repetition", "refusal", "broken_turns", "truncated"]
-[decontam]
-model = "m2v"
-[[decontam.test_sets]]
-name = "gsm8k_test"
-path = "shared:gsm8k/test.jsonl"
-fields = ["question", "answer"]
-[[decontam.test_sets]]
-name = "ifeval"
-path = "shared:ifeval/input_data.jsonl"
-fields = ["prompt"]
-[semantic_dedup]
-enabled = true
-model = "m2v"
-"""
-
 
 class PeakRSS:
     """Samples the RSS of this process and all its descendants every 0.2 s; `peak` in MiB."""
@@ -131,7 +99,7 @@ def main() -> None:
 
     import ray
 
-    from bench.curation import build_pool
+    from bench.curation import build_pool, recipe_text
     from curation.decontam import DecontamStage
     from curation.dedup import ExactDedupStage, MinHashStage, SemanticDedupStage
     from curation.executors import LocalExecutor, RayExecutor
@@ -147,7 +115,7 @@ def main() -> None:
     max_base = 0 if args.rows >= 100_000 else int(args.rows * 0.9)
     data, _ = build_pool(args.rows, args.seed, bench / f"pool-{args.rows}-{max_base}.parquet", max_base=max_base)
     recipe = bench / "scale.toml"
-    recipe.write_text(RECIPE.format(budget=max(1, args.rows // 5), data=data))
+    recipe.write_text(recipe_text("scale", data, max(1, args.rows // 5)))  # bench/curation.py's recipe
 
     local = curate_side(real, "local", recipe, LocalExecutor())
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short

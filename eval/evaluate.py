@@ -317,11 +317,19 @@ def _generation_engine(ref: str | Path, cfg: EvalConfig) -> Any:
     server ran slower here, ../shared/NOTES.md), each decoding `slots` prompts together."""
     if cfg.engine == "transformers":
         return None
+    from tomelab.engines.backend_llamacpp import XLlamaBackend
+    from tomelab.engines.chat import ChatEngine
     from tomelab.engines.choice import load_engine
 
-    return [load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or 1,
+    first = load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or 1,
                         dtype=cfg.dtype, context_length=4096, slots=cfg.slots)
-            for _ in range(cfg.engine_workers)]
+    if not isinstance(first.backend, XLlamaBackend):  # llama-cpp-python: one prompt at a time, one server
+        return [first]
+    # more servers on the same GGUF file: the model is loaded and converted once, by `load_engine`
+    b = first.backend
+    return [first] + [ChatEngine(XLlamaBackend(b.gguf, threads=b.threads, context_length=b.context_length, slots=b.slots),
+                                 first.tokenizer, label=first.label, stop_ids=first.stop_ids, info=dict(first.info))
+                      for _ in range(cfg.engine_workers - 1)]
 
 
 def _stash_set(out_dir: Path, name: str, cached: dict[str, Any]) -> None:
