@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tomelab import lab
 from tomelab.cli_flags import add_dataclass_args, dataclass_overrides, option
 from tomelab.config import load_config
-from tomelab.engines.chat import DEFAULT_SYSTEM_PROMPT, ChatEngine, GenerationSettings, StreamEvent
+from tomelab.engines.chat import DEFAULT_SYSTEM_PROMPT, ChatEngine, GenerationSettings, StreamEvent, default_threads
 from tomelab.engines.choice import AUTO_ORDER
 from tomelab.engines.pool import EnginePool
 from tomelab.errors import TomelabError
-from tomelab.lab_ui import build_lab
 from tomelab.serving import (
     ModelEntry,
     Winner,
@@ -72,7 +70,9 @@ class AppConfig:
     engine: str = option("auto", "inference runtime; auto = the fastest that passes its check (greedy match with "
                          "transformers fp32; the quality guard for quantised GGUFs)", choices=ENGINES)
     threads: int = option(0, "CPU threads for generation (0: all cores this process may use)")
-    slots: int = option(4, "requests one llama.cpp engine decodes together (parallel slots, continuous batching)")
+    slots: int = option(4, "requests one model's llama.cpp engine decodes together (parallel slots, continuous batching)")
+    replicas: int = option(0, "llama.cpp servers per model, one thread each, sharing the slots and the requests "
+                           "(0: one per core; 1: one server with --threads)")
     base: str = option(DEFAULT_BASE, "base model served when there is no winner, and the compare partner")
     results_dir: str = option("", "serve the winner of this results folder (winner.json, leaderboard.csv; `home:x` "
                               "allowed); default: offer every winner under results/ and the artefact home's results/",
@@ -93,8 +93,9 @@ class AppConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.concurrency_limit < 0 or self.max_queue < 1 or self.slots < 1:
-            raise ValueError("slots and max_queue must be >= 1, concurrency_limit >= 0 (0: as many as slots)")
+        if self.concurrency_limit < 0 or self.max_queue < 1 or self.slots < 1 or self.replicas < 0:
+            raise ValueError("slots and max_queue must be >= 1, concurrency_limit and replicas >= 0 (0: as many as "
+                             "slots / one replica per core)")
         if self.engine != "transformers" and 0 < self.concurrency_limit < self.slots:
             raise ValueError(f"concurrency_limit {self.concurrency_limit} < slots {self.slots}: llama.cpp's slots would "
                              "never all be used; raise it (0 = as many as slots) or lower slots")
@@ -120,6 +121,8 @@ def discover(cfg: AppConfig) -> tuple[list[ModelEntry], list[Winner], Path | Non
 
 def info_markdown(entry: ModelEntry, cfg: AppConfig, cards: list[Path]) -> str:
     """The info panel: what the model is, its leaderboard scores with CIs, its data card."""
+    from tomelab import lab  # polars: imported here so `tomelab --help` (which loads this file) stays fast
+
     parts = [f"**{entry.key}**", f"- loads from: `{display_path(entry.ref)}`"]
     if entry.kind == "base":
         parts.append("- base model, not fine-tuned by tomelab")
@@ -150,7 +153,8 @@ class ModelPool(EnginePool):
 
     def __init__(self, cfg: AppConfig, entries: list[ModelEntry]):
         super().__init__(entries, engine=cfg.engine, threads=cfg.threads or None, context_length=cfg.context_length,
-                         max_loaded=cfg.max_loaded_models, engine_slots=cfg.slots)
+                         max_loaded=cfg.max_loaded_models, engine_slots=cfg.slots,
+                         engine_replicas=min(cfg.replicas or default_threads(), cfg.slots))
 
 
 def _settings(cfg: AppConfig, temperature: float, top_p: float, max_new_tokens: float, system_prompt: str) -> GenerationSettings:
@@ -186,6 +190,8 @@ def _history_pairs(history: list[dict]) -> list[dict[str, str]]:
 def build_app(cfg: AppConfig, pool: ModelPool, banner_md: str, results_dirs: list[Path], lab_default: Path | None) -> Any:
     """The Gradio Blocks UI (not launched): Chat, Compare and the Lab."""
     import gradio as gr
+
+    from tomelab.lab_ui import build_lab
 
     keys = list(pool.entries)
     default_key = keys[0]

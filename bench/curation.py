@@ -198,10 +198,10 @@ def semantic_compare(home: Path, data: Path, truth: pl.DataFrame) -> dict:
     from semhash import SemHash
 
     from curation import dedup
-    from curation.embed import Embedder
     from curation.frame import prepare
     from curation.recipe import MinHashConfig, SemanticDedupConfig
     from curation.sources import ColumnMapping, SourceConfig, load_source
+    from tomelab.embed import Embedder
 
     table = load_source(SourceConfig(name="pool", kind="generic", path=str(data),
                                      columns=ColumnMapping(messages="messages")), progress=False).table
@@ -260,10 +260,10 @@ def datasketch_defaults(texts: list[str], rows: list[int], truth: pl.DataFrame) 
 def minilm_agreement(home: Path, data: Path, truth: pl.DataFrame, n: int, seed: int) -> dict:
     """Dedup decisions of m2v vs MiniLM on a subsample that holds injected pairs and unrelated rows."""
     from curation import dedup
-    from curation.embed import Embedder
     from curation.frame import prepare
     from curation.recipe import SemanticDedupConfig
     from curation.sources import ColumnMapping, SourceConfig, load_source
+    from tomelab.embed import Embedder
 
     rng = random.Random(seed)
     inj = truth.filter(pl.col("kind") != "original")

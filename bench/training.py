@@ -11,7 +11,7 @@ checkpointing, padded batches, full-vocabulary logits at every position, no pack
 The tomelab side is `training.train.train_run` itself.
 
 "final loss" is measured the same way for both finished models: the mean assistant-token
-cross-entropy on a fixed held-out slice, computed by `training.train.evaluate_loss`. Each side
+cross-entropy on a fixed held-out slice, computed by `training.loss.evaluate_loss`. Each side
 runs in its own subprocess, so peak RSS (ru_maxrss) is its own. tok/s counts non-padding tokens
 over the training loop's wall time (model loading and tokenisation excluded on both sides).
 """
@@ -44,7 +44,7 @@ def _bench_config(args: argparse.Namespace, token_budget: int):
     """The default recipe with the bench's size knobs: one epoch over the rows, no mid-run eval/checkpoints."""
     from dataclasses import replace
 
-    from training.recipe import load_train_config
+    from training.config import load_train_config
 
     cfg = load_train_config(args.config)
     return replace(cfg, token_budget=token_budget, epochs_cap=1.0, max_length=args.max_length,
@@ -62,7 +62,7 @@ def _val_examples(base: str, max_length: int):
 
 
 def _val_loss(causal_lm, examples, pad_id: int, batch_size: int) -> float:
-    from training.train import AssistantLoss, evaluate_loss
+    from training.loss import AssistantLoss, evaluate_loss
 
     return evaluate_loss(AssistantLoss(causal_lm), causal_lm, examples, batch_size=batch_size, pad_id=pad_id,
                          device="cpu", bf16=False)  # fp32: both finished models are scored identically
@@ -188,8 +188,9 @@ def worker_lever(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from training.data import collate, plan_batches, read_conversations, tokenize_rows, variant_paths
+    from training.hardware import load_training_base
     from training.load import load_base_tokenizer
-    from training.train import AssistantLoss, _autocast, _load_model
+    from training.loss import AssistantLoss, autocast
 
     desc, s = LEVERS[args.lever]
     cfg = _bench_config(args, args.token_budget)
@@ -205,9 +206,9 @@ def worker_lever(args: argparse.Namespace) -> dict:
     dtype = s.get("dtype", resolve_hardware(cfg)[2])
     torch.manual_seed(args.seed)
     if dtype in ("4bit", "nf4"):
-        model = _load_model(args.base, "4bit", "nf4", "cpu")
+        model = load_training_base(args.base, "4bit", "nf4", "cpu")
     else:
-        model = _load_model(args.base, "none", dtype, "cpu")
+        model = load_training_base(args.base, "none", dtype, "cpu")
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
@@ -216,12 +217,12 @@ def worker_lever(args: argparse.Namespace) -> dict:
         loss_fn.decoder = torch.compile(loss_fn.decoder, dynamic=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    autocast = dtype != "float32"
+    bf16_autocast = dtype != "float32"
     tokens, seconds, losses = 0, 0.0, []
     for i, (mb,) in enumerate(steps):
         batch = collate([ex[j] for j in mb], tok.pad_token_id)
         t0 = time.perf_counter()
-        with _autocast("cpu", autocast):
+        with autocast("cpu", bf16_autocast):
             if s.get("head") == "full":
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["targets"])
                 loss = out.loss

@@ -317,7 +317,7 @@ class SemanticDedupStage(Stage):
             return semantic_dedup(frame, self.cfg, self.embedder)
         dim = len(frame[self.EMB][0]) if len(frame) else 1
         vecs = np.asarray(frame[self.EMB].to_list(), dtype=np.float32).reshape(len(frame), dim)
-        from curation.embed import Embedder
+        from tomelab.embed import Embedder
 
         name = self.cfg.model if self.cfg.model in ("m2v", "minilm") else Embedder(self.cfg.model).name
         return semantic_dedup(frame.drop(self.EMB), self.cfg, _Precomputed(name, vecs))

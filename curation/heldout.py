@@ -26,7 +26,7 @@ from tomelab.schema import ROW_SCHEMA
 from tomelab.stats import Timer
 
 if TYPE_CHECKING:
-    from curation.recipe import HeldoutConfig, Recipe
+    from curation.recipe import HeldoutSplitConfig, Recipe
 
 _PART = re.compile(r"_\d+$")
 
@@ -101,7 +101,7 @@ class HeldoutStage(Stage):
     name = "heldout"
     kind = "row"
 
-    def __init__(self, cfg: HeldoutConfig, heldout_dir: Path) -> None:
+    def __init__(self, cfg: HeldoutSplitConfig, heldout_dir: Path) -> None:
         super().__init__(cfg)
         self.heldout_dir = Path(heldout_dir)
 

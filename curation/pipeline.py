@@ -13,6 +13,7 @@ stage that was running.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ class StageRunner:
     resumes from the stages `dedup-filter` already ran when their fingerprints match. A checkpoint
     holds the kept rows' `_row` positions (plus any score columns the stage added), the dropped rows,
     the stage's artefacts and, written last, the stats marker, so a kill -9 leaves a stage either
-    whole or absent.
+    whole or absent. A stage's `seconds` is the runner's clock around it (loading what it needs, then
+    the executor's run), the same measure under every executor; a reused stage keeps its earlier seconds.
     """
 
     def __init__(self, root: Path, fingerprint: str, force: bool, executor: Any = None, *,
@@ -152,8 +154,13 @@ class StageRunner:
                                    f"{stats.kept}): delete it or re-run with --force.")
             log.info("stage %s: unchanged, reusing checkpoint (%d kept)", name, len(kept))
         else:
-            res = self.executor.run(stage, df)
+            cpu0 = time.process_time()
+            with Timer() as t:  # the whole stage as the runner sees it: loading its needs, then the executor's run
+                res = self.executor.run(stage, df)
             kept, dropped, arts, stats = res.kept, res.dropped, res.artefacts, res.stats
+            stats.seconds = round(t.seconds, 3)  # one clock for every stage and executor (bench/scale.py sizes by it)
+            # CPU of this process, all its threads (Ray: the driver's share only); load inflates it far less than wall
+            stats.extra = {**stats.extra, "cpu_seconds": round(time.process_time() - cpu0, 3)}
             kept = kept.drop([c for c in kept.columns if c.startswith(MAP_PREFIX)])
             if len(kept) == 0 and len(df) > 0 and not stage.allow_empty:
                 raise TomelabError(

@@ -46,7 +46,7 @@ def _positive(obj: Any, *names: str) -> None:
 
 
 @dataclass
-class HeldoutConfig:
+class HeldoutSplitConfig:
     """Held-out rows split from the raw pool of `sources` before any curation, fixed by `seed`.
     An empty `sources` means the recipe's first pool source."""
 
@@ -213,7 +213,7 @@ class Recipe:
     seed: int = 0
     pool: list[str] = field(default_factory=list)  # sources sampled from; empty = all in `mix` or the first
     mix: dict[str, float] = field(default_factory=dict)  # source -> share of the budget
-    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    heldout: HeldoutSplitConfig = field(default_factory=HeldoutSplitConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     semantic_dedup: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)

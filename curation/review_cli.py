@@ -27,7 +27,7 @@ FLAG_HELP = {
 
 
 def _config(args: argparse.Namespace):
-    from curation.review import ReviewConfig, load_review_config
+    from curation.review.config import ReviewConfig, load_review_config
     from tomelab.cli_flags import dataclass_overrides
 
     cfg = load_review_config(args.config)
@@ -49,13 +49,14 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from curation.review import push
+    from curation.review.push import push
 
     return _print(push(args.variant, _config(args)))
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from curation.review import pull, pushed_variants
+    from curation.review.data import pushed_variants
+    from curation.review.pull import pull
     from tomelab.errors import TomelabError
 
     names = [args.variant] if args.variant else pushed_variants()
@@ -68,13 +69,13 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from curation.review import apply_review
+    from curation.review.apply import apply_review
 
     return _print(apply_review(args.variant, _config(args), cards_dir=args.cards_dir, force=args.force))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from curation.review import ReviewConfig
+    from curation.review.config import ReviewConfig  # light: the package's __init__ imports nothing
     from tomelab.cli_flags import add_dataclass_args
 
     def flags(q: argparse.ArgumentParser, *names: str) -> None:

@@ -123,7 +123,7 @@ def sum_extra(extras: list[dict[str, Any]], *paths: str) -> dict[str, Any]:
 def load_need(need: Need) -> Any:
     """Load one declared resource (runs in whichever process will use it)."""
     if need.what == "embedder":
-        from curation.embed import Embedder
+        from tomelab.embed import Embedder
 
         return Embedder(need.spec)
     if need.what == "scorer":

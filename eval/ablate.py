@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.compare import BASE_ROW, MetricRow, System, check_precision, compare, pick_winner
-from eval.config import AblationConfig, EvalConfig
+from eval.config import ADDRESS, AblationConfig, EvalConfig
 from eval.evaluate import evaluate
 from eval.report import (
     leaderboard_markdown,
@@ -53,10 +53,30 @@ def train_config_for(cfg: AblationConfig, overrides: dict[str, Any] | None = Non
     Overrides go through the same typed loader as the file, so a typo or a wrong type fails with the key.
     """
     from tomelab.config import from_dict, read_config_dict
-    from training.recipe import TrainConfig
+    from training.config import TrainConfig
 
     merged = {**read_config_dict(cfg.train_config), **cfg.train, **(overrides or {})}
     return from_dict(TrainConfig, merged, file=f"{cfg.train_config} + ablation [train]")
+
+
+def recipe_overrides(cfg: AblationConfig, path: Path, cfg_path: str | Path) -> dict[str, Any]:
+    """The top-level recipe keys to override for the recipe at `path` ({} without `[recipe_overrides]`): its
+    tables with the overrides merged in, and the variant's own name (`variant_prefix` + the recipe's name, else
+    `<name>-o<hash of the overrides>`), so an overridden variant never shares a folder with the recipe's own.
+    Checked against the recipe's types like the file, so a typo fails with the key."""
+    if not cfg.recipe_overrides and not cfg.variant_prefix:
+        return {}
+    from curation.recipe import Recipe, read_recipe_dict
+    from tomelab.config import config_hash, from_dict, merge_tables
+
+    data = read_recipe_dict(path)
+    data.setdefault("name", path.stem)
+    merged = merge_tables(data, cfg.recipe_overrides)
+    prefix = cfg.variant_prefix or ""
+    suffix = f"-o{config_hash(cfg.recipe_overrides)[:6]}" if cfg.recipe_overrides and not prefix else ""
+    merged["name"] = f"{prefix}{data['name']}{suffix}"
+    from_dict(Recipe, merged, file=f"{path} + {cfg_path} [recipe_overrides]")
+    return {k: merged[k] for k in [*cfg.recipe_overrides, "name"]}
 
 
 def _alias_variant(variant: str, alias: str) -> str:
@@ -84,7 +104,7 @@ def plan_systems(cfg: AblationConfig, cfg_path: Path, names: dict[str, str]) -> 
     return out
 
 
-def _curate_blocks(cfg: AblationConfig) -> tuple[dict[str, str], dict[str, dict], dict[str, dict[int, str]]]:
+def _curate_blocks(cfg: AblationConfig, cfg_path: Path) -> tuple[dict[str, str], dict[str, dict], dict[str, dict[int, str]]]:
     """Curate every variant (per block when draw_rows > 0, plus the A/A control's independent draws).
     Returns recipe entry -> variant name, variant name -> stats (block 0), and name -> {seed: folder}."""
     from curation.pipeline import curate
@@ -94,21 +114,22 @@ def _curate_blocks(cfg: AblationConfig) -> tuple[dict[str, str], dict[str, dict]
     folders: dict[str, dict[int, str]] = {}
     for entry in cfg.variants:
         path = _recipe_path(cfg, entry)
+        over = recipe_overrides(cfg, path, cfg_path)
         if not cfg.draw_rows:
-            vdir = curate(path)
+            vdir = curate(path, overrides=over or None)
             st = read_json(vdir / "stats.json")
             names[entry] = st.get("variant", vdir.name)
             stats[names[entry]] = st
             continue
         from curation.recipe import load_recipe
 
-        name = load_recipe(path).name
+        name = over.get("name") or load_recipe(path).name
         names[entry] = name
         jobs = [(name, 0)] + ([(f"{name}-aa", AA_DRAW_OFFSET)] if cfg.negative_control and entry == cfg.baseline else [])
         for label, offset in jobs:
             for seed in cfg.seeds:
                 vname = f"{label}.b{seed}"
-                vdir = curate(path, overrides={"name": vname, "seed": seed, "draw_rows": cfg.draw_rows,
+                vdir = curate(path, overrides={**over, "name": vname, "seed": seed, "draw_rows": cfg.draw_rows,
                                                "draw_seed": seed + offset})
                 folders.setdefault(label, {})[seed] = vdir.name
                 if seed == cfg.seeds[0]:
@@ -161,25 +182,35 @@ def plan_cost(cfg: AblationConfig, ecfg: EvalConfig) -> str:
             f"(~{core_min / 2:.0f} min with two workers on 2 cores)")
 
 
-def run_ablation(cfg_path: str | Path, *, reverse: bool = False) -> Path:
+def run_ablation(cfg_path: str | Path, *, reverse: bool = False, executor: str | None = None,
+                 address: str | None = None) -> Path:
     """Curate, then per seed (outer loop) train and evaluate every row; then compare. Returns the results dir.
 
     Seeds are the outer loop so that an ablation cut short still holds whole seeds for every row:
     re-running with fewer seeds builds a leaderboard from the cache at once. `reverse` walks the
     runs from the last to the first: a second process started that way on the same config shares the
     work with the first (per-run locks in training and eval keep them off each other's runs), so
-    single-threaded runs use two cores.
+    single-threaded runs use two cores. `executor` / `address` replace the config's: "ray" submits every
+    training and evaluation job as a Ray task (eval/ablate_ray.py) and builds the same leaderboard.
     """
-    from training.train import train_run
-
     cfg_path = Path(cfg_path)
     cfg = load_config(cfg_path, AblationConfig)
     ecfg = load_config(cfg.eval_config, EvalConfig)
+    if address is not None and not ADDRESS.fullmatch(address):
+        raise TomelabError(f"--address must be \"auto\", \"ray://HOST:PORT\" or \"HOST:PORT\" (or \"\"), got {address!r}")
+    cfg.executor, cfg.address = executor or cfg.executor, cfg.address if address is None else address
+    if cfg.executor == "ray" and reverse:
+        raise TomelabError("--reverse starts a second local worker; with the Ray executor the cluster schedules every "
+                           "job: drop --reverse (or use --executor local)")
+    if cfg.executor == "ray":
+        from eval.ablate_ray import _import_ray
+
+        _import_ray()  # a missing Ray fails before any work
 
     log.info("%s", plan_cost(cfg, ecfg))
     log.info("[1/4] curate %d variant(s)%s (cached ones are read back)", len(cfg.variants),
              f" x {len(cfg.seeds)} blocks" if cfg.draw_rows else "")
-    names, stats, folders = _curate_blocks(cfg)
+    names, stats, folders = _curate_blocks(cfg, cfg_path)
     heldouts = {st["heldout_dir"] for st in stats.values()}
     if len(heldouts) != 1:
         raise TomelabError(f"variants use different held-out sets {sorted(heldouts)}: every variant must share the recipe's "
@@ -196,17 +227,20 @@ def run_ablation(cfg_path: str | Path, *, reverse: bool = False) -> Path:
         if "@" in s.train_variant and not s.block_variants:
             _alias_variant(s.train_variant.split("@")[0], s.train_variant)
     bases = list(dict.fromkeys(s.base for s in systems))
-    if cfg.include_base:
-        log.info("[2/4] evaluate the untouched base model(s) %s", ", ".join(bases))
-        for b in bases:
-            evaluate(b, ecfg, heldout_dir=heldout_dir)
-    total = len(systems) * len(cfg.seeds)
-    log.info("[3/4] train + evaluate %d run(s) (finished runs and cached eval sets are skipped)", total)
     order = [(seed, sys_) for seed in cfg.seeds for sys_ in systems]
-    for done, (seed, sys_) in enumerate(reversed(order) if reverse else order, start=1):
-        log.info("run %d/%d: %s seed %d", done, total, sys_.name, seed)
-        rd = train_run(sys_.variant_for(seed), sys_.base, seed, sys_.train_config)
-        evaluate(rd, ecfg, heldout_dir=heldout_dir)
+    if reverse:
+        order.reverse()
+    if cfg.executor == "ray":
+        from eval.ablate_ray import run_grid
+
+        log.info("[2-3/4] on Ray: evaluate the base model(s), train + evaluate %d run(s) (finished ones are skipped)",
+                 len(order))
+        dirs = run_grid(bases if cfg.include_base else [], [(s.variant_for(seed), s.base, seed, s.train_config)
+                                                            for seed, s in order],
+                        ecfg, heldout_dir, address=cfg.address, job_cpus=cfg.job_cpus)
+    else:
+        dirs = _run_local(cfg, ecfg, heldout_dir, bases, order)
+    for (seed, sys_), rd in zip(order, dirs):
         sys_.refs.append(str(rd))
         sys_.seeds.append(seed)
         sys_.run_dirs[seed] = str(rd)
@@ -220,6 +254,25 @@ def run_ablation(cfg_path: str | Path, *, reverse: bool = False) -> Path:
     log.info("[4/4] leaderboard, plots, winner -> %s", cfg.results_dir)
     baseline = cfg.baseline if cfg.arms else names[cfg.baseline]
     return write_results(cfg, cfg_path, systems, stats, baseline, labels=labels)
+
+
+def _run_local(cfg: AblationConfig, ecfg: EvalConfig, heldout_dir: Path, bases: list[str],
+               order: list[tuple[int, System]]) -> list[Path]:
+    """The grid in this process: the base model(s), then each (seed, system) run in `order`; returns the run dirs."""
+    from training.train import train_run
+
+    if cfg.include_base:
+        log.info("[2/4] evaluate the untouched base model(s) %s", ", ".join(bases))
+        for b in bases:
+            evaluate(b, ecfg, heldout_dir=heldout_dir)
+    log.info("[3/4] train + evaluate %d run(s) (finished runs and cached eval sets are skipped)", len(order))
+    dirs = []
+    for done, (seed, sys_) in enumerate(order, start=1):
+        log.info("run %d/%d: %s seed %d", done, len(order), sys_.name, seed)
+        rd = train_run(sys_.variant_for(seed), sys_.base, seed, sys_.train_config)
+        evaluate(rd, ecfg, heldout_dir=heldout_dir)
+        dirs.append(rd)
+    return dirs
 
 
 def results_dir(cfg: AblationConfig) -> Path:

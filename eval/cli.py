@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="ablation TOML, e.g. configs/ablation.toml")
     p.add_argument("--reverse", action="store_true",
                    help="walk the runs last to first: start a second process with it to share the runs over two cores")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where the training and evaluation jobs run, overriding the config's `executor` (ray: one Ray "
+                        "task per job, on --address / the config's `address` / $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster for --executor ray: \"auto\", \"ray://HOST:PORT\" or \"HOST:PORT\" (default: the config's)")
     p.set_defaults(func=_ablate)
 
 
@@ -80,6 +85,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     from eval.ablate import run_ablation
 
-    out = run_ablation(args.config, reverse=args.reverse)
+    out = run_ablation(args.config, reverse=args.reverse, executor=args.executor, address=args.address)
     print(f"leaderboard: {out / 'leaderboard.md'}\nwinner: {out / 'winner.json'}")
     return 0

@@ -6,10 +6,12 @@ max new tokens are the levers that trade CPU time for precision.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 EVAL_SETS = ("heldout", "ifeval", "gsm8k")
+ADDRESS = re.compile(r"|auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+")  # the forms a recipe's `address` takes
 
 # Ablation metric -> (eval set, per-item score key, per-item weight key or None, higher is better, subset).
 # Each is a weighted mean of per-item scores over a subset of the set's items, so intervals can resample
@@ -37,7 +39,7 @@ VALIDATION_METRICS = ("val_nll", "val_clean_nll")
 
 
 @dataclass
-class HeldoutConfig:
+class HeldoutEvalConfig:
     """Held-out conversations: NLL is cheap (one forward pass); generation for ROUGE-L/cosine is not."""
 
     enabled: bool = True
@@ -89,10 +91,10 @@ class EvalConfig:
     # greedy outputs can drift late in long answers: compare models within one engine. NLL is always
     # computed with transformers.
     engine: Literal["transformers", "llama.cpp"] = "transformers"
-    gguf_type: Literal["f16", "f32", "q8_0"] = "f16"
+    gguf_type: Literal["f16", "f32", "q8_0", "lora"] = "f16"  # q8_0, lora: check bench/eval_engine.py agreement first
     engine_workers: int = 2  # llama.cpp servers (one thread each): one per core
     slots: int = 8  # parallel sequences per server
-    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    heldout: HeldoutEvalConfig = field(default_factory=HeldoutEvalConfig)
     ifeval: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
     gsm8k: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
 
@@ -161,7 +163,7 @@ class AblationConfig:
     """Variants x seeds on one base model, evaluated on the same items, compared to a baseline."""
 
     variants: list[str]  # recipe names: configs/variants/<name>.toml (or paths to recipe TOMLs)
-    train_config: str  # TOML for training.recipe.TrainConfig
+    train_config: str  # TOML for training.config.TrainConfig
     eval_config: str  # TOML for EvalConfig
     base: str = "smollm2-135m-instruct"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -197,6 +199,17 @@ class AblationConfig:
     clean_recipe: str = ""
     primary: str = ""  # the metric the leaderboard's verdict lines are about (empty: the first of `metrics`)
     target_mde: float = 0.0  # > 0: the leaderboard says how many blocks would bring the primary MDE down to it
+    # recipe keys set on every variant this ablation curates (e.g. budget_rows = 200; tables merge into the
+    # recipe's), checked against the recipe like the file itself. They change what a variant keeps, so the
+    # variants get their own names: `variant_prefix` + recipe name, or `<recipe>-o<hash of the overrides>`
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    variant_prefix: str = ""
+    # where the grid's training and evaluation jobs run (where, not what: no hash reads these): "local" (this
+    # process; `--reverse` for a second one) or "ray" (one Ray task per job, eval/ablate_ray.py) on `address`
+    # ("" = $RAY_ADDRESS, else a local Ray on this machine's cores; "auto"; "ray://HOST:PORT"; "HOST:PORT")
+    executor: Literal["local", "ray"] = "local"
+    address: str = ""
+    job_cpus: int = 1  # Ray: CPUs each job asks for (and its torch / OpenMP threads); one GPU each where there are GPUs
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -213,7 +226,7 @@ class AblationConfig:
         if self.curve:
             import dataclasses
 
-            from training.recipe import TrainConfig
+            from training.config import TrainConfig
 
             numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", int, float)}
             if self.curve not in numeric:
@@ -232,6 +245,18 @@ class AblationConfig:
                 raise ValueError(f"arm name {a.name!r} must not contain '/', '\\', '@' or spaces (it names a folder)")
 
     def _check_common(self) -> None:
+        if not ADDRESS.fullmatch(self.address):
+            raise ValueError(f"`address` must be \"\" (a local Ray, or $RAY_ADDRESS), \"auto\", \"ray://HOST:PORT\" "
+                             f"or \"HOST:PORT\", got {self.address!r}")
+        if self.job_cpus < 1:
+            raise ValueError(f"job_cpus must be >= 1, got {self.job_cpus}")
+        if self.variant_prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.variant_prefix):
+            raise ValueError(f"variant_prefix {self.variant_prefix!r} may use only letters, digits, '_' and '-' "
+                             "(it starts folder names), e.g. \"demo-\"")
+        if "name" in self.recipe_overrides:
+            raise ValueError("recipe_overrides cannot set `name`: variants are named by the recipe and variant_prefix")
+        if self.draw_rows and {"seed", "draw_rows", "draw_seed"} & set(self.recipe_overrides):
+            raise ValueError("recipe_overrides cannot set seed, draw_rows or draw_seed with draw_rows > 0: each block sets them")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):

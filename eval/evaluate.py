@@ -87,7 +87,7 @@ def _rouge_l(refs: list[str], outs: list[str]) -> list[float]:
 def _cosines(refs: list[str], outs: list[str], model: str) -> list[float] | None:
     import numpy as np
 
-    from curation.embed import Embedder
+    from tomelab.embed import Embedder
 
     emb = Embedder(model=model)
     key = lambda t: "evaltext-" + hashlib.sha256(t.encode()).hexdigest()[:16]  # noqa: E731
@@ -327,7 +327,8 @@ def _generation_engine(ref: str | Path, cfg: EvalConfig) -> Any:
         return [first]
     # more servers on the same GGUF file: the model is loaded and converted once, by `load_engine`
     b = first.backend
-    return [first] + [ChatEngine(XLlamaBackend(b.gguf, threads=b.threads, context_length=b.context_length, slots=b.slots),
+    return [first] + [ChatEngine(XLlamaBackend(b.gguf, threads=b.threads, context_length=b.context_length, slots=b.slots,
+                                                       lora=b.lora),
                                  first.tokenizer, label=first.label, stop_ids=first.stop_ids, info=dict(first.info))
                       for _ in range(cfg.engine_workers - 1)]
 

@@ -45,11 +45,12 @@ from peft import PeftModel
 
 from eval.generate import render_prompt
 from tomelab.models import load_model
+from training.config import load_train_config
 from training.data import read_conversations, tokenize_rows, variant_paths
 from training.fixtures import alpaca_variant
 from training.load import load_base_tokenizer
-from training.recipe import load_train_config
-from training.train import AssistantLoss, evaluate_loss, train_run
+from training.loss import AssistantLoss, evaluate_loss
+from training.train import train_run
 
 steps, base, mib = int(os.environ["STEPS"]), os.environ["BASE"], 2**20
 print(f"gpu-check: {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), base {base}")

@@ -63,9 +63,9 @@ def compare_items(a: Path, b: Path) -> None:
 def main() -> None:
     import numpy as np
 
+    from training.config import load_train_config
     from training.data import plan_batches, read_conversations, tokenize_rows, variant_paths
     from training.load import load_base_tokenizer
-    from training.recipe import load_train_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="demo-dedup-filter")

@@ -112,7 +112,7 @@ def test_leaderboard_csv_plots_and_winner(tmp_home: Path, tmp_path: Path):
 
 
 def test_curve_plot_places_arms_on_the_swept_training_key(tmp_home: Path, tmp_path: Path, monkeypatch):
-    from training.recipe import TrainConfig
+    from training.config import TrainConfig
 
     systems = _make_systems(tmp_home)
     for s, budget in zip(systems[1:], (1000, 3000, 12000)):

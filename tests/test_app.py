@@ -222,12 +222,13 @@ def test_slots_reach_the_engine_and_the_queue_lets_them_through(tmp_home: Path, 
     seen: list[tuple[str, int | None]] = []
 
     def fake_load(ref, *, engine="auto", **kw):
-        seen.append((engine, kw.get("slots")))
+        seen.append((engine, kw.get("slots"), kw.get("replicas", 1)))
         return _FakeEngine(engine)
 
     monkeypatch.setattr(engine_pool, "load_engine", fake_load)
     monkeypatch.chdir(tmp_path)
-    cfg = app.config_from_args(app_args(["--results", str(tmp_path / "none"), "--engine", "llama.cpp", "--slots", "6"]))
+    cfg = app.config_from_args(app_args(["--results", str(tmp_path / "none"), "--engine", "llama.cpp", "--slots", "6",
+                                         "--replicas", "2"]))
     assert (cfg.slots, cfg.concurrency_limit, cfg.queue_concurrency) == (6, 0, 6)
     demo = app.create(cfg)
     pool = demo.tomelab_pool
@@ -238,7 +239,7 @@ def test_slots_reach_the_engine_and_the_queue_lets_them_through(tmp_home: Path, 
             break
         time.sleep(0.01)
     assert pool.get(key).engine_name == "llama.cpp"
-    assert seen == [("transformers", 6), ("llama.cpp", 6)]
+    assert seen == [("transformers", 6, 1), ("llama.cpp", 6, 2)]  # the llama.cpp engine: 2 servers share 6 slots
     chat = next(fn for fn in demo.fns.values() if fn.api_name == "chat")
     limit = demo._queue.default_concurrency_limit if chat.concurrency_limit == "default" else chat.concurrency_limit
     assert limit is not None and limit >= cfg.slots

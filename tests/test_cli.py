@@ -20,6 +20,17 @@ def test_console_script_help_lists_every_stage():
         assert name in out
 
 
+def test_help_imports_no_heavy_library():
+    """Building the parser (all that `tomelab --help` does) loads no data or model library: each command
+    imports those inside its handler (the review flags need only `curation.review.config`)."""
+    code = ("import sys, tomelab.cli; tomelab.cli.build_parser(); "
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in "
+            "{'polars', 'pyarrow', 'numpy', 'torch', 'transformers', 'gradio', 'argilla'} "
+            "or m.startswith('curation.review.') and m != 'curation.review.config'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == []
+
+
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_subcommand_help(name, capsys):
     with pytest.raises(SystemExit) as e:

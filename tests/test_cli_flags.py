@@ -76,7 +76,7 @@ def test_review_flags_come_from_review_config(tmp_path) -> None:
     from typing import get_args, get_type_hints
 
     from curation import review_cli
-    from curation.review import ReviewConfig
+    from curation.review.config import ReviewConfig
 
     p = argparse.ArgumentParser(prog="tomelab", exit_on_error=False)
     review_cli.register(p.add_subparsers())

@@ -10,7 +10,7 @@ import pytest
 from eval.config import AblationConfig, EvalConfig
 from tomelab.config import from_dict, load_config
 from tomelab.errors import ConfigError
-from training.recipe import TrainConfig
+from training.config import TrainConfig
 
 
 def test_named_train_configs_resolve_to_the_full_recipe():

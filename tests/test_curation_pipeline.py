@@ -246,7 +246,7 @@ def test_missing_embedding_model_names_the_fix(curation_home: Path, data_file: P
 
 
 def test_embedder_caches_by_row_id(curation_home: Path) -> None:
-    from curation.embed import Embedder
+    from tomelab.embed import Embedder
 
     e = Embedder("m2v")
     v1 = e.encode(["a", "b"], ["the cat sat on the mat", "stock markets fell sharply today"])

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tomelab.errors import TomelabError
+from training.config import TrainConfig, load_train_config
 from training.distributed import Dist, torchrun_command
-from training.recipe import TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "smollm2-135m-instruct"
@@ -212,15 +212,16 @@ def test_two_processes_match_one_and_only_rank_0_writes(tmp_home: Path, smollm2_
 @pytest.mark.e2e
 def test_a_run_killed_in_one_process_resumes_under_ddp(tmp_home: Path, smollm2_dir: Path, tmp_path: Path) -> None:
     """Checkpoint written by 1 process, resumed by 2 ranks that both read it: the curve of an uninterrupted run."""
+    from conftest import Killed, kill_after
     from training.fixtures import alpaca_variant
-    from training.train import _Interrupted, train_run
+    from training.train import train_run
 
     cfg_path, cfg = tiny_ddp_config(tmp_path / "tiny.toml")
     for name in ("one", "three"):
         alpaca_variant(name, 12, n_val=4)
     one = train_run("one", BASE, 0, cfg)
-    with pytest.raises(_Interrupted):
-        train_run("three", BASE, 0, cfg, _interrupt_after_step=2)  # checkpoint at step 2, then "killed"
+    with pytest.raises(Killed):
+        train_run("three", BASE, 0, cfg, on_step=kill_after(2))  # checkpoint at step 2, then "killed"
     three = tmp_home / "runs" / "three" / BASE / "0"
     assert (three / "checkpoint.pt").is_file()
 

@@ -42,9 +42,11 @@ def test_broken_file_is_refused_and_good_quantisation_served_with_its_verdict(tm
     import tomelab.engines.guard as guard_mod
 
     real = guard_mod.quality_guard
-    monkeypatch.setattr(guard_mod, "quality_guard", lambda *a, **k: real(*a, **{**k, "n": N}))
+    # the IFEval leg's decision is tested in test_engine_lora.py; here the NLL leg decides
+    monkeypatch.setattr(guard_mod, "quality_guard", lambda *a, **k: real(*a, **{**k, "n": N, "ifeval_n": 0}))
     monkeypatch.setattr(inf, "load_for_inference", lambda ref, dtype="float32": base)
     monkeypatch.setattr(inf, "pick_gguf", lambda ref, model, tok, t: files[t])
+    monkeypatch.setattr(inf, "served_gguf", lambda ref, model, tok, t: (files[t], None))
     with pytest.raises(TomelabError, match="quality guard REFUSED") as err:
         inf.load_engine("smollm2-135m-instruct", engine="llama.cpp", gguf_type="broken", threads=1, slots=1)
     assert "CI" in str(err.value) and "nats" in str(err.value)

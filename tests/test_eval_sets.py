@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.config import EvalConfig, GenSetConfig, HeldoutConfig
+from eval.config import EvalConfig, GenSetConfig, HeldoutEvalConfig
 from eval.generate import read_partial
 from eval.sets import (
     EvalItem,
@@ -134,7 +134,7 @@ def test_evaluate_base_model_end_to_end_then_cached(tmp_home: Path, shared_data:
     ]]
     pl.DataFrame({"id": ["a", "b", "c"], "messages": convs}).write_parquet(hd / "test.parquet")
     cfg = EvalConfig(batch_size=4, threads=1,
-                     heldout=HeldoutConfig(limit=3, generate_limit=2, max_new_tokens=8, max_length=128),
+                     heldout=HeldoutEvalConfig(limit=3, generate_limit=2, max_new_tokens=8, max_length=128),
                      ifeval=GenSetConfig(limit=2, max_new_tokens=12), gsm8k=GenSetConfig(limit=2, max_new_tokens=12))
     res = ev.evaluate("smollm2-135m-instruct", cfg, heldout_dir=hd)
     m = res["metrics"]

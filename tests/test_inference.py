@@ -204,6 +204,41 @@ def test_abandoned_stream_stops_the_worker(engine: ChatEngine) -> None:
     assert not any(t.name == "tomelab-generate" for t in threading.enumerate())
 
 
+def test_stream_from_thread_orders_items_reraises_and_stops_the_producer() -> None:
+    """The worker-thread bridge both callback runtimes stream through (transformers, llama.cpp)."""
+    from tomelab.engines.chat import stream_from_thread
+
+    def count(put) -> None:
+        for i in range(5):
+            put(i)
+
+    assert list(stream_from_thread(count, threading.Event(), name="t-count")) == [0, 1, 2, 3, 4]
+
+    def broken(put) -> None:
+        put("a")
+        raise ValueError("boom")
+
+    got = []
+    with pytest.raises(ValueError, match="boom"):  # as it is, after the items put before it
+        got.extend(stream_from_thread(broken, threading.Event(), name="t-broken"))
+    assert got == ["a"]
+    with pytest.raises(TomelabError, match="wrapped: boom") as e:
+        list(stream_from_thread(broken, threading.Event(), name="t-broken", fail=lambda x: TomelabError(f"wrapped: {x}")))
+    assert isinstance(e.value.__cause__, ValueError)
+
+    cancel = threading.Event()
+
+    def endless(put) -> None:  # stops only when told to, as a runtime polling `cancel` does
+        while not cancel.is_set():
+            put(1)
+            time.sleep(0.001)
+
+    gen = stream_from_thread(endless, cancel, name="t-endless")
+    assert next(gen) == 1
+    gen.close()  # the consumer went away: cancel is set and the thread is joined before close returns
+    assert cancel.is_set() and not any(t.name == "t-endless" for t in threading.enumerate())
+
+
 def test_bad_settings_are_user_errors() -> None:
     with pytest.raises(TomelabError, match="temperature"):
         GenerationSettings(temperature=-1)

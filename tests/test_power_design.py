@@ -127,7 +127,7 @@ def test_gradient_checkpointing_changes_memory_not_maths(smollm2_dir: Path) -> N
 
     from tomelab.models import load_model
     from training.data import Example, collate
-    from training.train import AssistantLoss
+    from training.loss import AssistantLoss
 
     batch = collate([Example("x", list(range(1000, 1160)), [False] * 60 + [True] * 100)], 0)
     results = []

@@ -11,8 +11,6 @@ same stages for the same reasons as `tomelab curate --executor local`.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import polars as pl
@@ -40,33 +38,6 @@ threshold = 0.9
 [filters]
 enabled = ["length", "language", "repetition", "refusal", "broken_turns", "truncated"]
 '''
-
-
-@pytest.fixture
-def ray_cluster(monkeypatch: pytest.MonkeyPatch):
-    """A small local Ray (2 CPUs, 100 MB object store, no dashboard) whose files stay in a temp dir
-    (short: Ray's socket paths must fit in 107 bytes); shut down and removed whatever the test does.
-    No auth token: a loopback test cluster needs none, and Ray would write it to ~/.ray."""
-    ray = pytest.importorskip("ray")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("RAY_worker_register_timeout_seconds", "600")  # starved workers start slowly
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    try:
-        for attempt in (1, 2):
-            try:
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=100 * 2**20, _temp_dir=tmp)
-                break
-            except Exception as e:  # Ray gives its raylet a fixed 30 s to register with its GCS
-                ray.shutdown()
-                if attempt == 2:
-                    pytest.skip(f"a local Ray could not start on this machine (twice): {e}. Ray waits a fixed "
-                                f"30 s for its raylet, which a CPU starved by other jobs can miss; re-run when idle")
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def with_light_edits(path: Path, n: int = 3) -> Path:

@@ -17,8 +17,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curation import review
-from curation.review import ReviewConfig
+from curation.review.client import check_server, connect, find_dataset, local_server_dir, read_env_file, resolve_target
+from curation.review.config import ReviewConfig
+from curation.review.data import review_dir
+from curation.review.pull import pull
+from curation.review.push import push
 from test_review_fixtures import make_variant
 
 pytestmark = [pytest.mark.argilla, pytest.mark.browser]
@@ -71,7 +74,7 @@ def _missing() -> str | None:
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         return "chromium/chromedriver missing: run `scripts/argilla.sh setup-browser`"
     try:
-        review.check_server(review.resolve_target(), timeout_s=3)
+        check_server(resolve_target(), timeout_s=3)
     except Exception as e:  # noqa: BLE001
         return f"Argilla server not available ({e}): run `scripts/argilla.sh start`"
     return None
@@ -85,15 +88,15 @@ if _REASON and not os.environ.get("TOMELAB_ARGILLA_REQUIRED"):
 def test_annotator_submits_in_browser_and_pull_sees_it(tmp_home, shared_data, tmp_path):
     if _REASON:
         pytest.fail(f"TOMELAB_ARGILLA_REQUIRED is set but: {_REASON}")
-    target = review.resolve_target()
-    creds = review.read_env_file(review.local_server_dir() / "credentials.env")
+    target = resolve_target()
+    creds = read_env_file(local_server_dir() / "credentials.env")
     name = f"b{uuid.uuid4().hex[:8]}"
     df = make_variant(name, shared_data, n=8)
     cfg = ReviewConfig(n=1, strategy="low-score", embed_model="minilm")  # one record, so the page shows exactly it
-    client = review.connect(target)
+    client = connect(target)
     try:
-        review.push(name, cfg, target)
-        ds = review.find_dataset(client, cfg, name)
+        push(name, cfg, target)
+        ds = find_dataset(client, cfg, name)
         script = tmp_path / "driver.py"
         script.write_text(DRIVER)
         shot = tmp_path / "review_browser.png"  # a test artefact under pytest's tmp dir, never in the repo
@@ -106,15 +109,15 @@ def test_annotator_submits_in_browser_and_pull_sees_it(tmp_home, shared_data, tm
                  "UI_PASSWORD": creds["TOMELAB_ARGILLA_ANNOTATOR_PASSWORD"]},
         )
         assert proc.returncode == 0 and "SUBMITTED" in proc.stdout, proc.stdout + proc.stderr
-        st = review.pull(name, cfg, target)
-        resp = pl.read_parquet(review.review_dir(name) / "responses.parquet")
+        st = pull(name, cfg, target)
+        resp = pl.read_parquet(review_dir(name) / "responses.parquet")
         lowest = df.sort("quality_score")["id"][0]
         assert st.kept == 1
         assert resp.select("id", "annotator", "decision", "status").rows() == [(lowest, "annotator", "keep", "submitted")]
         assert shot.stat().st_size > 10_000
         print(f"\nscreenshot: {shot}")
     finally:
-        ds = review.find_dataset(client, cfg, name)
+        ds = find_dataset(client, cfg, name)
         if ds is not None:
             ds.delete()
 

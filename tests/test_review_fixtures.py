@@ -55,7 +55,8 @@ def make_variant(name: str, shared_data: Path, n: int = 24, near_dup_of: int | N
 
 def write_responses(variant: str, rows: list[dict]) -> Path:
     """A responses.parquet as `tomelab review pull` writes it, for offline apply tests."""
-    from curation.review import RESPONSE_COLUMNS, review_dir
+    from curation.review.data import review_dir
+    from curation.review.pull import RESPONSE_COLUMNS
 
     full = [
         {

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tomelab.errors import ConfigError, TomelabError
+from training.config import TrainConfig, load_train_config
 from training.data import Example, plan_batches, plan_digest
-from training.recipe import TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "smollm2-135m-instruct"
@@ -274,7 +274,8 @@ def test_train_run_end_to_end_and_skip(tmp_home: Path, smollm2_dir: Path) -> Non
     from training.data import read_conversations, tokenize_rows, variant_paths
     from training.fixtures import alpaca_variant
     from training.load import load_base_tokenizer
-    from training.train import AssistantLoss, cpu_has_native_bf16, evaluate_loss, train_run
+    from training.loss import AssistantLoss, evaluate_loss
+    from training.train import cpu_has_native_bf16, train_run
 
     alpaca_variant("tiny", 12, n_val=4)
     cfg = tiny_config()
@@ -364,8 +365,9 @@ def test_capped_micro_batches_train_the_same_model(tmp_home: Path, smollm2_dir: 
 @pytest.mark.slow  # five tiny runs: minutes on a shared 2-core machine
 @pytest.mark.e2e
 def test_same_seed_same_curve_and_resume_matches(tmp_home: Path, smollm2_dir: Path) -> None:
+    from conftest import Killed, kill_after
     from training.fixtures import alpaca_variant
-    from training.train import _Interrupted, train_run
+    from training.train import train_run
 
     alpaca_variant("tiny", 12, n_val=4)
     cfg = tiny_config()
@@ -376,8 +378,8 @@ def test_same_seed_same_curve_and_resume_matches(tmp_home: Path, smollm2_dir: Pa
     assert [r[1] for r in c if r[1] is not None] != [r[1] for r in a if r[1] is not None]
 
     # stop after step 3 (checkpoint at step 2, step 3 lost), then resume: the same curve as uninterrupted
-    with pytest.raises(_Interrupted):
-        train_run("tiny", BASE, 7, cfg, force=True, _interrupt_after_step=3)
+    with pytest.raises(Killed):
+        train_run("tiny", BASE, 7, cfg, force=True, on_step=kill_after(3))
     rd = tmp_home / "runs" / "tiny" / BASE / "7"
     assert (rd / "checkpoint.pt").is_file() and not (rd / "metrics.json").exists()
     assert _curve(train_run("tiny", BASE, 7, cfg)) == a

@@ -33,7 +33,7 @@ def load_app_module() -> ModuleType:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="serve the Gradio chat app (winner vs base) on 127.0.0.1")
-    # app.py imports gradio and torch only inside its functions, so this stays fast for `--help`
+    # app.py imports gradio, torch and polars (the Lab) only inside its functions, so this stays fast for `--help`
     load_app_module().add_arguments(p)
     p.set_defaults(func=_chat)
 

@@ -11,9 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 
 def current_umask() -> int:
     """The process umask: from /proc (thread-safe), else by setting it and straight back."""
@@ -108,6 +105,9 @@ def read_json(path: str | Path) -> Any:
 
 def write_parquet(path: str | Path, table: Any) -> Path:
     """Write a pyarrow Table or polars DataFrame atomically."""
+    import pyarrow as pa  # here, not at the top: every CLI command imports this module, and `--help` stays fast
+    import pyarrow.parquet as pq
+
     if not isinstance(table, pa.Table):
         table = table.to_arrow()
     with atomic_path(path) as tmp:
@@ -152,6 +152,9 @@ def read_parquet_or_none(path: str | Path, *, as_polars: bool = False) -> Any:
     For caches that can be rebuilt: the caller recomputes instead of crashing on a half-file
     (a disk-full or a copy from elsewhere can leave one even though our own writes are atomic).
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if not path.is_file():
         return None

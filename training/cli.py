@@ -21,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run dir artifacts/runs/<variant>/<base>/<seed> (or <variant>/<base>/<seed>)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/merged)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved weight dtype (default: %(default)s)")
-    p.add_argument("--gguf", default=None, metavar="OUTTYPE", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="also write model-OUTTYPE.gguf with llama.cpp's converter (needs llama-cpp-python)")
+    p.add_argument("--gguf", default=None, metavar="OUTTYPE", choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                   help="also write model-OUTTYPE.gguf (Llama models: written directly, no compiler; "
+                        "others: llama.cpp's converter)")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
     p.set_defaults(func=_export)
 
@@ -31,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from tomelab.io import read_json
-    from training.recipe import load_train_config
+    from training.config import load_train_config
     from training.train import METRICS, train_run
 
     cfg = load_train_config(args.config)

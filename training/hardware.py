@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tomelab.errors import TomelabError
-from training.recipe import TrainConfig
+from training.config import TrainConfig
 
 log = logging.getLogger("training.train")  # the loop's logger: its messages read as the run's own
 

@@ -2,11 +2,11 @@
 
 Why a lean loop rather than `trl.SFTTrainer` as is: on 2 CPU cores the 49k-vocabulary lm_head
 over every position, padding and fp32 dominate. This loop runs the base model's decoder, gathers
-only the assistant positions and applies the lm_head there (the loss is assistant-only anyway),
-batches rows of similar length, and keeps the frozen base in bf16 where the hardware has native
-bf16 (fp32 otherwise: emulated bf16 is ~15x slower on AVX2-only CPUs). Models and LoRA come from
-transformers + peft exactly as TRL would build them; bench/training.py measures the difference
-against TRL's defaults on the same data and token count.
+only the assistant positions and applies the lm_head there (the loss is assistant-only anyway:
+`training/loss.py`), batches rows of similar length, and keeps the frozen base in bf16 where the
+hardware has native bf16 (fp32 otherwise: emulated bf16 is ~15x slower on AVX2-only CPUs). Models
+and LoRA come from transformers + peft exactly as TRL would build them; bench/training.py measures
+the difference against TRL's defaults on the same data and token count.
 
 Reproducibility: the batch plan is a pure function of (seed, data, config) and the dropout RNG is
 reseeded from (seed, step) at every optimiser step, so a run resumed from a checkpoint after a
@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from tomelab.config import config_hash, safe_name_problem, to_dict
 from tomelab.errors import TomelabError
 from tomelab.io import atomic_dir, atomic_path, exclusive, pyplot, read_json, save_figure, write_json, write_jsonl
 from tomelab.models import resolve_model
+from training.config import TrainConfig
 from training.data import (
-    Example,
     collate,
     fingerprint,
     plan_batches,
@@ -50,73 +51,15 @@ from training.hardware import (  # noqa: F401  (re-exported: the run's hardware 
     resolve_hardware,
 )
 from training.load import load_base_tokenizer
-from training.recipe import TrainConfig
+from training.loss import AssistantLoss, autocast, evaluate_loss
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-_load_model = load_training_base  # the name bench/training.py imports
-
-
-class _Interrupted(Exception):
-    """Raised by the test hook to simulate a kill between checkpoints."""
 
 
 def run_dir_for(variant: str, base: str, seed: int) -> Path:
     return Run.of(variant, base, seed).dir
-
-
-class AssistantLoss:
-    """Summed cross-entropy over assistant tokens only, with the lm_head applied only at those positions."""
-
-    def __init__(self, causal_lm: Any):
-        self.decoder = causal_lm.get_decoder()
-        self.head = causal_lm.get_output_embeddings()
-        self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-
-    def __call__(self, batch: dict[str, Any], device: str) -> tuple[Any, int]:
-        import torch
-        import torch.nn.functional as F
-
-        ids = batch["input_ids"].to(device)
-        att = batch["attention_mask"].to(device)
-        targets = batch["targets"][:, 1:].to(device)
-        hidden = self.decoder(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
-        sel = targets != -100
-        logits = self.head(hidden[sel]).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        loss = F.cross_entropy(logits, targets[sel], reduction="sum")
-        return loss, int(sel.sum())
-
-
-def _autocast(device: str, enabled: bool):
-    import torch
-
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
-
-
-def evaluate_loss(loss_fn: AssistantLoss, model: Any, examples: list[Example], *, batch_size: int, pad_id: int,
-                  device: str, bf16: bool, dist: Dist | None = None) -> float:
-    """Mean assistant-token loss over `examples` (the fixed validation slice; under DDP each rank scores a share)."""
-    import torch
-
-    dist = dist or Dist()
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
-    total, n = 0.0, 0
-    with torch.no_grad(), _autocast(device, bf16):
-        for i in range(0, len(order), batch_size):
-            if not dist.eval_share(i // batch_size):
-                continue
-            batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
-            s, k = loss_fn(batch, device)
-            total += float(s)
-            n += k
-    model.train(was_training)
-    total, n = dist.sum(total, n)
-    return total / max(n, 1)
 
 
 def _plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -178,13 +121,14 @@ def _resolved_config(variant: str, base: str, seed: int, cfg: TrainConfig, train
 
 
 def train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bool = False,
-              _interrupt_after_step: int | None = None) -> Path:
+              on_step: Callable[[dict], None] | None = None) -> Path:
     """Fine-tune `base` on variant `variant` with `seed`; returns the run directory.
 
     Skips a finished run with the same resolved config; resumes a killed one from its checkpoint.
-    `force` retrains from scratch. `_interrupt_after_step` is a test hook that stops the run
-    (without saving) after that optimiser step, as a kill -9 would. One process at a time trains a
-    run dir: another one asking for it waits, then skips the finished run.
+    `force` retrains from scratch. `on_step(record)` is called after every optimiser step with that
+    step's log record (step, loss, lr, tok/s, ...), after any checkpoint of that step: for live plots or
+    a custom stop; an exception it raises ends the run unsaved, as a kill would. One process at a time
+    trains a run dir: another one asking for it waits, then skips the finished run.
     """
     problem = safe_name_problem(variant)
     if problem:
@@ -194,11 +138,11 @@ def train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bo
     variant_paths(variant)  # an uncurated variant fails before any lock folder is made
     dist = Dist.current()  # one process, or this rank of a torchrun / accelerate launch group (only rank 0 locks)
     with dist.lock(lambda: exclusive(run_dir_for(variant, base, seed), "train")):
-        return _train_run(variant, base, seed, cfg, force=force, dist=dist, _interrupt_after_step=_interrupt_after_step)
+        return _train_run(variant, base, seed, cfg, force=force, dist=dist, on_step=on_step)
 
 
 def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: bool, dist: Dist,
-               _interrupt_after_step: int | None) -> Path:
+               on_step: Callable[[dict], None] | None) -> Path:
     import torch
     from tqdm import tqdm
 
@@ -326,7 +270,7 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
             for rows, weight, sync in dist.shard(micro):  # this rank's rows of each micro-batch (all of them alone)
                 batch = collate([train_ex[j] for j in rows], pad_id)
                 with sync:
-                    with _autocast(device, use_autocast):
+                    with autocast(device, use_autocast):
                         s, _ = fwd(batch, device)
                     (s / n_loss * weight).backward()
                 step_loss += float(s.detach()) * (weight > 0)
@@ -358,8 +302,8 @@ def _train_run(variant: str, base: str, seed: int, cfg: TrainConfig, *, force: b
                         state["stopped_early"] = True
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 save_checkpoint()
-            if _interrupt_after_step is not None and state["step"] >= _interrupt_after_step:
-                raise _Interrupted(f"test hook: stopped after step {state['step']}")
+            if on_step is not None:
+                on_step(dict(rec))
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise oom_error(e, cfg, state["step"]) from None
     except RuntimeError as e:

@@ -1,4 +1,6 @@
-"""Review settings and the shared vocabulary of push, pull and apply (decisions, score directions, columns)."""
+"""Review settings and the shared vocabulary of push, pull and apply (decisions, score directions).
+
+No polars here: the CLI imports this module to build the review flags, so `tomelab --help` stays fast."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-import polars as pl
 
 from tomelab.config import load_config
 from tomelab.stats import StageStats
@@ -21,18 +21,6 @@ REVIEW_STAGE = "human_review"
 NOT_SCORES = {"minhash_cluster", "cluster", "row", "n_turns"}
 # Direction of known scores (+1: higher is better). Unknown scores count as higher-is-better.
 SCORE_DIRECTION = {"quality_score": 1.0, "score": 1.0, "reward": 1.0, "ifd": 1.0, "nll": -1.0, "perplexity": -1.0}
-RESPONSE_COLUMNS = {
-    "id": pl.String,
-    "record_server_id": pl.String,
-    "annotator_id": pl.String,
-    "annotator": pl.String,
-    "status": pl.String,
-    "decision": pl.String,
-    "quality": pl.Int64,
-    "corrected_response": pl.String,
-    "inserted_at": pl.String,
-    "updated_at": pl.String,
-}
 
 
 @dataclass

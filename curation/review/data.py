@@ -110,7 +110,7 @@ def render_prompt(messages: list[dict[str, str]]) -> str:
 
 
 def variant_embeddings(df: pl.DataFrame, embedder: Any) -> np.ndarray:
-    """L2-normalised embeddings of rows' whole conversations, through `curation.embed.Embedder`.
+    """L2-normalised embeddings of rows' whole conversations, through `tomelab.embed.Embedder`.
 
     The key is the plain row id with the conversation text, the same view curation's semantic
     dedup embeds, so vectors computed there are reused from the shared cache."""
@@ -121,6 +121,6 @@ def variant_embeddings(df: pl.DataFrame, embedder: Any) -> np.ndarray:
 
 def make_embedder(model: str):
     """The project's embedder (cached by row id under artifacts/cache/embeddings/)."""
-    from curation.embed import Embedder
+    from tomelab.embed import Embedder
 
     return Embedder(model=model)

@@ -8,12 +8,26 @@ from typing import Any
 import polars as pl
 
 from curation.review.client import ArgillaTarget, _api, _json, connect, dataset_name, find_dataset, resolve_target
-from curation.review.config import RESPONSE_COLUMNS, ReviewConfig, sync_stats
+from curation.review.config import ReviewConfig, sync_stats
 from curation.review.data import review_dir, variant_dir
 from tomelab import paths
 from tomelab.errors import DataError, TomelabError
 from tomelab.io import write_parquet
 from tomelab.stats import StageStats, Timer
+
+# The columns of <variant>/review/responses.parquet: one row per (record, annotator).
+RESPONSE_COLUMNS = {
+    "id": pl.String,
+    "record_server_id": pl.String,
+    "annotator_id": pl.String,
+    "annotator": pl.String,
+    "status": pl.String,
+    "decision": pl.String,
+    "quality": pl.Int64,
+    "corrected_response": pl.String,
+    "inserted_at": pl.String,
+    "updated_at": pl.String,
+}
 
 
 def fetch_responses(target: ArgillaTarget, dataset_id: Any, timeout_s: float = 5.0) -> pl.DataFrame:

@@ -14,15 +14,15 @@ Token ids in, token ids out: the prompt is the ids `ChatEngine` fitted, and each
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tomelab.engines.chat import GenerationSettings, default_threads
+from tomelab.engines.chat import GenerationSettings, default_threads, stream_from_thread
 from tomelab.errors import TomelabError
 
 
@@ -58,11 +58,14 @@ class XLlamaBackend:
 
     name = "llama.cpp"
 
-    def __init__(self, gguf: str | Path, *, threads: int | None = None, context_length: int = 2048, slots: int = 4):
+    def __init__(self, gguf: str | Path, *, threads: int | None = None, context_length: int = 2048, slots: int = 4,
+                 lora: str | Path | None = None):
         xl = _import()
         self.gguf = Path(gguf)
-        if not self.gguf.is_file():
-            raise TomelabError(f"GGUF file not found: {self.gguf}")
+        self.lora = Path(lora) if lora else None  # a llama.cpp LoRA adapter GGUF applied on top (lora_gguf.py)
+        for f in (self.gguf, self.lora):
+            if f is not None and not f.is_file():
+                raise TomelabError(f"GGUF file not found: {f}")
         self.threads = max(1, threads or 1)
         self.slots = max(1, int(slots))
         self.context_length = context_length
@@ -70,6 +73,10 @@ class XLlamaBackend:
         self.runtime = f"xllamacpp {xllamacpp_version()}"
         p = xl.CommonParams()
         p.model.path = str(self.gguf)
+        if self.lora is not None:
+            adapter = xl.CommonAdapterLoraInfo()
+            adapter.path, adapter.scale = str(self.lora), 1.0
+            p.lora_adapters = [adapter]
         p.n_ctx = context_length * self.slots  # split evenly between the slots (kv_unified off)
         p.n_parallel = self.slots
         p.kv_unified = False
@@ -101,40 +108,23 @@ class XLlamaBackend:
         return req
 
     def iter_tokens(self, prompt_ids: list[int], settings: Any, stop_ids: set[int], cancel: threading.Event) -> Iterator[int]:
-        out: queue.Queue = queue.Queue()
-        end = object()
-        errors: list[BaseException] = []
+        def complete(put: Callable[[Any], None]) -> None:
+            def on_chunk(chunk: Any) -> bool:  # called by llama.cpp's handler; True stops (and cancels) the request
+                put(chunk)
+                return cancel.is_set()
 
-        def on_chunk(chunk: Any) -> bool:  # called by llama.cpp's handler; True stops (and cancels) the request
-            out.put(chunk)
-            return cancel.is_set()
+            self.server.handle_completions(self.request(prompt_ids, settings), on_chunk)
 
-        def work() -> None:
-            try:
-                self.server.handle_completions(self.request(prompt_ids, settings), on_chunk)
-            except BaseException as e:  # surfaced in the consumer below
-                errors.append(e)
-            finally:
-                out.put(end)
-
-        th = threading.Thread(target=work, name="tomelab-xllama", daemon=True)
-        th.start()
-        try:
-            while True:
-                item = out.get()
-                if item is end:
-                    break
+        chunks = stream_from_thread(complete, cancel, name="tomelab-xllama",
+                                    fail=lambda e: TomelabError(f"llama.cpp request failed: {e}"))
+        with contextlib.closing(chunks):  # leaving early (an error chunk, or the consumer stops) ends the thread
+            for item in chunks:
                 if not isinstance(item, dict) or "error" in item or "choices" not in item:
                     err = item.get("error", item) if isinstance(item, dict) else item
                     raise TomelabError(f"llama.cpp request failed: {str(err)[:300]}")
                 choice = item["choices"][0] if item["choices"] else {}
                 for c in (choice.get("logprobs") or {}).get("content") or []:
                     yield int(c["id"])
-        finally:
-            cancel.set()
-            th.join(timeout=30)
-        if errors:
-            raise TomelabError(f"llama.cpp request failed: {errors[0]}") from errors[0]
 
     def close(self) -> None:
         """Stop the server now (it also stops when garbage-collected)."""
@@ -193,9 +183,12 @@ def llama_cpp_available() -> bool:
 
 
 def llama_cpp_backend(gguf: str | Path, *, threads: int | None = None, context_length: int = 2048,
-                      slots: int = 4) -> Any:
-    """llama.cpp on `gguf`: xllamacpp's embedded server (parallel slots, continuous batching) when
-    installed, else llama-cpp-python (one request at a time). `TOMELAB_LLAMACPP=llama-cpp-python` forces it."""
+                      slots: int = 4, lora: str | Path | None = None) -> Any:
+    """llama.cpp on `gguf` (plus a LoRA adapter GGUF): xllamacpp's embedded server (parallel slots,
+    continuous batching) when installed, else llama-cpp-python (one request at a time, no adapter).
+    `TOMELAB_LLAMACPP=llama-cpp-python` forces it."""
     if xllamacpp_available() and os.environ.get("TOMELAB_LLAMACPP") != "llama-cpp-python":
-        return XLlamaBackend(gguf, threads=threads or 1, context_length=context_length, slots=slots)
+        return XLlamaBackend(gguf, threads=threads or 1, context_length=context_length, slots=slots, lora=lora)
+    if lora is not None:
+        raise TomelabError("a LoRA adapter GGUF is served by xllamacpp only: `pip install xllamacpp`")
     return LlamaCppBackend(gguf, threads=threads, context_length=context_length)

@@ -6,16 +6,15 @@ when no faster runtime is installed or passes its check.
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from tomelab.engines.chat import GenerationSettings, default_threads
+from tomelab.engines.chat import GenerationSettings, default_threads, stream_from_thread
 
 
 class TransformersBackend:
-    """`model.generate` with the KV cache in a worker thread, ids handed over through a queue."""
+    """`model.generate` with the KV cache in a worker thread, ids handed over through a queue (`stream_from_thread`)."""
 
     name = "transformers"
 
@@ -36,11 +35,9 @@ class TransformersBackend:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        out: queue.Queue = queue.Queue()
-        _END = object()
-
-        class _QueueStreamer(BaseStreamer):
-            def __init__(self) -> None:
+        class _IdStreamer(BaseStreamer):  # generate() hands its new ids over here, in the worker thread
+            def __init__(self, put_id: Callable[[int], None]) -> None:
+                self.put_id = put_id
                 self.prompt_seen = False
 
             def put(self, value: Any) -> None:
@@ -48,10 +45,10 @@ class TransformersBackend:
                     self.prompt_seen = True
                     return
                 for t in value.reshape(-1).tolist():
-                    out.put(int(t))
+                    self.put_id(int(t))
 
             def end(self) -> None:
-                out.put(_END)
+                pass  # the stream ends when generate() returns
 
         class _Cancel(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
@@ -65,7 +62,6 @@ class TransformersBackend:
             do_sample=not greedy,
             eos_token_id=sorted(stop_ids),
             pad_token_id=min(stop_ids),
-            streamer=_QueueStreamer(),
             stopping_criteria=StoppingCriteriaList([_Cancel()]),
             use_cache=True,
         )
@@ -73,28 +69,11 @@ class TransformersBackend:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-        errors: list[BaseException] = []
 
-        def work() -> None:
-            try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # surfaced in the consumer thread below
-                errors.append(e)
-                out.put(_END)
+        def generate(put: Callable[[int], None]) -> None:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            with torch.inference_mode():
+                self.model.generate(**kwargs, streamer=_IdStreamer(put))
 
-        th = threading.Thread(target=work, name="tomelab-generate", daemon=True)
-        th.start()
-        try:
-            while True:
-                item = out.get()
-                if item is _END:
-                    break
-                yield item
-        finally:
-            cancel.set()
-            th.join(timeout=30)
-        if errors:
-            raise errors[0]
+        yield from stream_from_thread(generate, cancel, name="tomelab-generate")

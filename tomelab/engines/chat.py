@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +95,49 @@ class TokenBackend(Protocol):
     def iter_tokens(
         self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
     ) -> Iterator[int]: ...
+
+
+def stream_from_thread(
+    produce: Callable[[Callable[[Any], None]], None],
+    cancel: threading.Event,
+    *,
+    name: str,
+    fail: Callable[[BaseException], BaseException] | None = None,
+) -> Iterator[Any]:
+    """Run `produce(put)` in a daemon thread and yield everything it `put`s, in order, until it returns.
+
+    For runtimes that push their output from a callback (transformers' streamer, llama.cpp's chunk
+    handler). When the consumer stops early or the stream ends, `cancel` is set (the producer polls it)
+    and the thread gets up to 30 s to finish. An exception in `produce` is raised here after the items
+    put before it: as it is, or as `fail(error)` chained to it.
+    """
+    out: queue.Queue = queue.Queue()
+    end = object()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            produce(out.put)
+        except BaseException as e:  # surfaced in the consumer below
+            errors.append(e)
+        finally:
+            out.put(end)
+
+    th = threading.Thread(target=work, name=name, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = out.get()
+            if item is end:
+                break
+            yield item
+    finally:
+        cancel.set()
+        th.join(timeout=30)
+    if errors:
+        if fail is None:
+            raise errors[0]
+        raise fail(errors[0]) from errors[0]
 
 
 def stop_token_ids(tokenizer: Any, model_config_eos: Any = None) -> set[int]:

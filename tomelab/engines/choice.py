@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from tomelab.engines.backend_ctranslate2 import CTranslate2Backend, ctranslate2_available
-from tomelab.engines.backend_llamacpp import llama_cpp_available, llama_cpp_backend
+from tomelab.engines.backend_llamacpp import llama_cpp_available, llama_cpp_backend, xllamacpp_available
 from tomelab.engines.backend_transformers import TransformersBackend
 from tomelab.engines.chat import ChatEngine, stop_token_ids
-from tomelab.engines.convert import export_ct2, gguf_is_quantised, hf_weights_dir, pick_gguf
+from tomelab.engines.convert import export_ct2, gguf_is_quantised, hf_weights_dir, pick_gguf, served_gguf
 from tomelab.engines.match import match_report
+from tomelab.engines.replicas import ReplicaBackend
 from tomelab.errors import TomelabError
 
 log = logging.getLogger(__name__)
@@ -46,23 +47,29 @@ def load_for_inference(ref: str, *, dtype: str = "float32") -> tuple[Any, Any]:
 # transformers fp32 (`MATCH_CRITERION`); transformers is the fallback. The quantised ones fail the match
 # (Q4_1 3/8, q8_0 1/8, ct2 int8 1/8 prompts, first differences 0.01-0.44 nats apart); f16 and f32 pass
 # (8/8 on the base model; 7/8 + one 0.0014-nat tie on the README ablation's winner).
-# Quantised GGUFs (the source file, q8_0) are now gated by the held-out NLL quality guard instead
-# (`tomelab.engines.guard`), which asks whether they are measurably worse, not whether greedy text is equal.
+# Quantised GGUFs are gated by the quality guard instead (`tomelab.engines.guard`: held-out NLL and IFEval
+# vs the f16 file, paired CIs), which asks whether they are measurably worse, not whether greedy text is equal.
+# `auto` is a base model's source file (or q8_0 for a fine-tune: 0.88x the source file's tok/s, guard
+# passed at +0.0003 nats); `lora` serves a fine-tune as its base's source file + adapter (exact weights,
+# 0.78x). A q4_1 export of a fine-tune is no option: it snaps back to the base's grid (guard: +0.016 nats).
 AUTO_ORDER = ("llama.cpp", "ctranslate2")
-AUTO_CANDIDATES = (("llama.cpp", "auto"), ("llama.cpp", "q8_0"), ("ctranslate2", "int8"), ("llama.cpp", "f16"), ("llama.cpp", "f32"),
+AUTO_CANDIDATES = (("llama.cpp", "auto"), ("llama.cpp", "q8_0"), ("llama.cpp", "lora"), ("ctranslate2", "int8"), ("llama.cpp", "f16"), ("llama.cpp", "f32"),
                    ("ctranslate2", "float32"))
 
 
 def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, threads: int | None,
                  context_length: int, gguf_type: str, ct2_quantization: str, label: str, info: dict,
-                 slots: int = 4) -> ChatEngine:
+                 slots: int = 4, replicas: int = 1) -> ChatEngine:
     if kind == "llama.cpp":
         if not llama_cpp_available():
             raise TomelabError("no llama.cpp runtime: `pip install xllamacpp` (prebuilt wheel; `make setup` installs it)")
-        gguf = pick_gguf(ref, model, tok, gguf_type)
-        backend: Any = llama_cpp_backend(gguf, threads=threads, context_length=context_length, slots=slots)
+        gguf, lora = served_gguf(ref, model, tok, gguf_type)
+        n = max(1, replicas if xllamacpp_available() else 1)
+        backends = [llama_cpp_backend(gguf, threads=threads if n == 1 else 1, context_length=context_length,
+                                      slots=-(-slots // n), lora=lora) for _ in range(n)]
+        backend: Any = backends[0] if n == 1 else ReplicaBackend(backends)
         info = dict(info, weights=str(gguf), runtime=getattr(backend, "runtime", "llama-cpp-python"),
-                    slots=getattr(backend, "slots", 1))
+                    slots=getattr(backend, "slots", 1), replicas=n, **({"lora": str(lora)} if lora else {}))
     elif kind == "ctranslate2":
         if not ctranslate2_available():
             raise TomelabError("ctranslate2 is not installed: pip install 'ctranslate2>=4.8,<5'")
@@ -74,14 +81,16 @@ def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, t
     return ChatEngine(backend, tok, label=label, stop_ids=stop, info=info)
 
 
-def _guard_report(ref: str, model: Any, tok: Any, quant: Path) -> dict:
-    """The quality guard of `quant` against the f16 GGUF of the same weights (cached per file)."""
-    from tomelab.engines.guard import cached_guard
+def _guard_report(ref: str, model: Any, tok: Any, quant: Path, lora: str | None = None) -> dict:
+    """The quality guard of `quant` (+ `lora`) against the f16 GGUF of the same weights (cached per file)."""
+    from tomelab.engines.guard import cached_guard, ifeval_summary
 
-    report = cached_guard(quant, pick_gguf(ref, model, tok, "f16"), model, tok)
+    report = cached_guard(quant, pick_gguf(ref, model, tok, "f16"), model, tok, **({"lora": lora} if lora else {}))
+    leg = report.get("ifeval")
     report.setdefault("summary", (f"{'PASS' if report['passed'] else 'REFUSED'}: held-out NLL diff {report['diff']:+.4f} nats "
                                   f"(95% CI [{report['lo']:+.4f}, {report['hi']:+.4f}], MDE {report['mde']:.4f}, "
-                                  f"margin {report['margin']}, {report['n_items']} conversations)"))
+                                  f"margin {report['margin']}, {report['n_items']} conversations)"
+                                  + (f"; {ifeval_summary(leg)}" if leg else "")))
     return report
 
 
@@ -98,6 +107,7 @@ def load_engine(
     info: dict | None = None,
     slots: int = 4,
     guard: bool = True,
+    replicas: int = 1,
 ) -> ChatEngine:
     """A ready `ChatEngine` for `ref` (base name, run dir or merged export).
 
@@ -105,7 +115,8 @@ def load_engine(
     transformers fp32 reference (`compare_greedy`, checked once per weights and cached under
     `artifacts/cache/engine_choice/`); otherwise transformers `generate`. Naming an engine
     serves it without the check (and fails loudly when it cannot load). `slots`: concurrent requests
-    llama.cpp (xllamacpp) decodes together; others queue.
+    llama.cpp (xllamacpp) decodes together; others queue. `replicas` > 1: that many single-thread llama.cpp
+    servers of the file share the `slots` and the requests (`tomelab.engines.replicas`: one per core).
     A quantised GGUF (Q4_1, q8_0, ...) is served only when it passes the quality guard
     (`tomelab.engines.guard`: held-out NLL vs the f16 file, paired CI; verdict in `info["quality_guard"]`),
     in `auto` and when named (`guard=False` skips it, for benchmarks of speed only).
@@ -130,7 +141,7 @@ def load_engine(
         try:
             fast = _fast_engine(kind, ref, model, tok, stop, threads=threads, context_length=context_length,
                                 gguf_type=weights, ct2_quantization=weights, label=label, info=dict(info or {}),
-                                slots=slots)
+                                slots=slots, replicas=replicas)
         except (TomelabError, subprocess.CalledProcessError, OSError, RuntimeError, ValueError) as e:
             if engine != "auto":
                 raise TomelabError(f"cannot serve {ref} with {kind}: {e}") from e
@@ -139,14 +150,15 @@ def load_engine(
             continue
         if kind == "llama.cpp" and guard and gguf_is_quantised(fast.info["weights"]):
             try:
-                g = _guard_report(ref, model, tok, Path(fast.info["weights"]))
+                g = _guard_report(ref, model, tok, Path(fast.info["weights"]), fast.info.get("lora"))
             except (TomelabError, OSError, RuntimeError, ValueError) as e:
                 if engine != "auto":
                     raise TomelabError(f"quality guard of {fast.info['weights']} could not run: {e}") from e
                 reasons.append(f"{kind} {weights}: quality guard could not run ({str(e)[:120]})")
                 continue
             fast.info["quality_guard"] = g
-            verdict = f"{Path(fast.info['weights']).name}: quality guard {g['summary']}"
+            served = Path(fast.info["weights"]).name + (" + LoRA adapter" if fast.info.get("lora") else "")
+            verdict = f"{served}: quality guard {g['summary']}"
             if g["passed"]:
                 fast.info["engine_reason"] = verdict
                 return fast

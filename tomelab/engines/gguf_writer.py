@@ -23,7 +23,11 @@ from tomelab.io import atomic_path
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# The 4/5-bit types keep the token embedding (also the output matrix when tied) at q8_0, as llama.cpp's
+# quantizer does for SmolLM2 (its Q6_K choice falls back to q8_0 when rows are not a multiple of 256):
+# the PyPI SmolLM2 Q4_1 file has exactly this layout, so an exported q4_1 runs at that file's speed.
+_EMBED_Q8 = ("q5_1", "q5_0", "q4_1", "q4_0")
 # HF tensor name (after `model.layers.{i}.`) -> GGUF name (after `blk.{i}.`), as in llama.cpp's converter.
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -131,10 +135,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", *, 
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise TomelabError(f"{model_dir}: rope scaling {rope!r} is not written directly; use llama.cpp's converter.")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    qtype = getattr(gguf.GGMLQuantizationType, outtype.upper())
+    ftype = gguf.LlamaFileType.ALL_F32 if outtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{outtype.upper()}")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise TomelabError(f"{model_dir} has no safetensors weights")
@@ -171,12 +173,13 @@ def write_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", *, 
                         a = _permute(a, n_head)
                     elif hf.endswith("k_proj.weight"):
                         a = _permute(a, n_kv)
-                    if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                    t = gguf.GGMLQuantizationType.Q8_0 if name == "token_embd.weight" and outtype in _EMBED_Q8 else qtype
+                    if a.ndim == 1 or t == gguf.GGMLQuantizationType.F32:
                         w.add_tensor(name, a.astype(np.float32))
-                    elif qtype == gguf.GGMLQuantizationType.F16:
+                    elif t == gguf.GGMLQuantizationType.F16:
                         w.add_tensor(name, a.astype(np.float16))
                     else:
-                        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+                        w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

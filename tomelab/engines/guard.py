@@ -1,12 +1,14 @@
-"""Quality guard for a quantised GGUF: its held-out NLL must not be worse than the f16 file's by more
-than the lab can detect.
+"""Quality guard for a quantised GGUF: its held-out NLL and its IFEval answers must not be worse than the
+f16 file's by more than the lab can detect.
 
 Why NLL and not "identical greedy output on 8 prompts": greedy text flips at near-ties even for
 harmless quantisation (q8_0 matched 1/8 prompts) yet says nothing about how much worse a file is. Here
 both files' weights are dequantised into the transformers model (`gguf` package, no llama.cpp) and score
 the same fixed conversations; per conversation NLL differences are paired (`eval.stats`), and the file
 passes when the 95% CI upper bound of (quantised - f16) stays under `margin` (default: the held-out NLL
-MDE of the README ablation, NLL_MARGIN_NATS). The verdict and numbers land in `ChatEngine.info`.
+MDE of the README ablation, NLL_MARGIN_NATS). Then both files answer the same IFEval prompts through
+llama.cpp, and the quantised one's prompt-strict score must not be lower by more than IFEVAL_MARGIN_POINTS
+(paired CI). The verdict and numbers land in `ChatEngine.info` (the app's engine panel shows them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ log = logging.getLogger(__name__)
 # README ablation"): a served file worse by less than this cannot move any conclusion the lab draws.
 NLL_MARGIN_NATS = 0.018
 GUARD_ITEMS = 32
+# IFEval leg: the served file's own greedy answers (llama.cpp) to the first IFEVAL_ITEMS prompts of the eval's
+# stable order, scored prompt-level strict and paired with the f16 file's answers. The margin is the IFEval
+# MDE of the README ablation (about 10 points, ../shared/NOTES.md): a smaller loss moves no conclusion.
+IFEVAL_ITEMS = 32
+IFEVAL_NEW_TOKENS = 256
+IFEVAL_MARGIN_POINTS = 10.0
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 _LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -53,19 +61,28 @@ class GuardReport:
     margin: float
     criterion: str
     slice: str
+    ifeval: dict | None = None  # the IFEval leg (`ifeval_leg`); None when the NLL leg already refused the file
 
     def summary(self) -> str:
-        return (f"{'PASS' if self.passed else 'REFUSED'}: held-out NLL {self.quant_nll:.4f} vs f16 {self.reference_nll:.4f} "
+        text = (f"{'PASS' if self.passed else 'REFUSED'}: held-out NLL {self.quant_nll:.4f} vs f16 {self.reference_nll:.4f} "
                 f"(diff {self.diff:+.4f} nats, 95% CI [{self.lo:+.4f}, {self.hi:+.4f}], MDE {self.mde:.4f}, "
                 f"margin {self.margin}) on {self.n_items} conversations")
+        return text + ("; " + ifeval_summary(self.ifeval) if self.ifeval else "")
+
+
+def ifeval_summary(leg: dict) -> str:
+    return (f"IFEval prompt-strict {leg['quant']:.1f} vs f16 {leg['reference']:.1f} (diff {leg['diff']:+.1f} points, "
+            f"95% CI [{leg['lo']:+.1f}, {leg['hi']:+.1f}], margin -{leg['margin']:g}, {leg['identical']}/{leg['n_items']} "
+            f"answers identical) on {leg['n_items']} prompts")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def model_from_gguf(gguf_path: str | Path, template: Any) -> Any:
-    """A copy of the (Llama) transformers `template` model holding the dequantised weights of `gguf_path`."""
+def model_from_gguf(gguf_path: str | Path, template: Any, lora: str | Path | None = None) -> Any:
+    """A copy of the (Llama) transformers `template` model holding the dequantised weights of `gguf_path`
+    (plus the deltas of a llama.cpp LoRA adapter file `lora`, as llama.cpp applies them)."""
     import gguf
     import torch
 
@@ -93,7 +110,7 @@ def model_from_gguf(gguf_path: str | Path, template: Any) -> Any:
         if hf not in state or tuple(state[hf].shape) != a.shape:
             raise TomelabError(f"{gguf_path}: tensor {t.name} {a.shape} does not fit the model "
                                f"({tuple(state[hf].shape) if hf in state else 'missing'}): a file of another model?")
-        state[hf] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        state[hf] = torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: the reader maps the file read-only
         seen.add(hf)
     if "lm_head.weight" in state and "lm_head.weight" not in seen:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -101,6 +118,12 @@ def model_from_gguf(gguf_path: str | Path, template: Any) -> Any:
     missing = [k for k in state if k not in seen and not k.endswith("inv_freq")]
     if missing:
         raise TomelabError(f"{gguf_path} lacks {len(missing)} tensors of the model (e.g. {missing[0]}): a file of another model?")
+    if lora is not None:
+        from tomelab.engines.lora_gguf import apply_lora_gguf
+
+        apply_lora_gguf(state, lora, cfg.to_dict())
+        if "lm_head.weight" in state and cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state)
     return model.eval()
 
@@ -134,13 +157,60 @@ def _nll(model: Any, tokenizer: Any, convs: list[tuple[str, list[dict]]]) -> dic
     return assistant_nll(model, tokenizer, convs, max_length=512, desc="guard nll")
 
 
+_REFERENCE_ANSWERS: dict[tuple, dict[str, str]] = {}
+
+
+def _ifeval_answers(gguf_path: Path, tokenizer: Any, stop: set[int], prompts: list, max_new_tokens: int,
+                    lora: str | Path | None = None) -> dict[str, str]:
+    from eval.generate import generate_greedy_engine
+    from tomelab.engines.backend_llamacpp import XLlamaBackend
+    from tomelab.engines.chat import ChatEngine
+
+    engine = ChatEngine(XLlamaBackend(gguf_path, threads=1, context_length=1024 + max_new_tokens, slots=8, lora=lora), tokenizer,
+                        label=gguf_path.name, stop_ids=stop)
+    try:
+        return generate_greedy_engine(engine, prompts, max_new_tokens=max_new_tokens, desc=f"guard ifeval {gguf_path.name}")
+    finally:
+        engine.backend.close()
+
+
+def ifeval_leg(quant: str | Path, reference: str | Path, template: Any, tokenizer: Any, *, n: int = IFEVAL_ITEMS,
+               max_new_tokens: int = IFEVAL_NEW_TOKENS, margin: float = IFEVAL_MARGIN_POINTS,
+               lora: str | Path | None = None) -> dict:
+    """IFEval prompt-strict of the quantised file's own llama.cpp answers vs the f16 file's, paired per prompt;
+    passes when the 95% CI lower bound of (quantised - f16) is above -`margin` points."""
+    from eval.sets import load_ifeval, score_ifeval, stable_subset
+    from eval.stats import paired_bootstrap_diff
+    from tomelab.engines.chat import stop_token_ids
+
+    items = stable_subset(load_ifeval().items, None)[:n]
+    prompts = [(it.id, it.messages) for it in items]
+    stop = stop_token_ids(tokenizer, getattr(template.generation_config, "eos_token_id", None))
+    ref = Path(reference)
+    key = (str(ref.resolve()), ref.stat().st_size, ref.stat().st_mtime_ns, n, max_new_tokens, tokenizer.chat_template)
+    if key not in _REFERENCE_ANSWERS:
+        _REFERENCE_ANSWERS[key] = _ifeval_answers(ref, tokenizer, stop, prompts, max_new_tokens)
+    ra, qa = _REFERENCE_ANSWERS[key], _ifeval_answers(Path(quant), tokenizer, stop, prompts, max_new_tokens, lora)
+    a = [100.0 * float(score_ifeval(it, qa[it.id])["prompt_strict"]) for it in items]
+    b = [100.0 * float(score_ifeval(it, ra[it.id])["prompt_strict"]) for it in items]
+    ci = paired_bootstrap_diff(a, b, None, min_seeds_a=1, min_seeds_b=1, names=("quantised", "f16"))
+    return {"passed": ci.lo >= -margin, "n_items": len(items), "quant": round(float(np.mean(a)), 2),
+            "reference": round(float(np.mean(b)), 2), "diff": round(ci.estimate, 2), "lo": round(ci.lo, 2),
+            "hi": round(ci.hi, 2), "mde": round(2.8 * (ci.hi - ci.lo) / 3.92, 2), "margin": margin,
+            "identical": sum(qa[it.id] == ra[it.id] for it in items), "max_new_tokens": max_new_tokens,
+            "criterion": f"95% CI lower bound of IFEval prompt-strict (quantised - f16) >= -{margin:g} points"}
+
+
 def quality_guard(quant: str | Path, reference: str | Path, template: Any, tokenizer: Any, *,
-                  heldout_dir: str | Path | None = None, margin: float = NLL_MARGIN_NATS, n: int = GUARD_ITEMS) -> GuardReport:
-    """Held-out NLL of `quant` vs `reference` (the f16 GGUF), paired over the same conversations."""
+                  heldout_dir: str | Path | None = None, margin: float = NLL_MARGIN_NATS, n: int = GUARD_ITEMS,
+                  ifeval_n: int = IFEVAL_ITEMS, ifeval_new_tokens: int = IFEVAL_NEW_TOKENS,
+                  lora: str | Path | None = None) -> GuardReport:
+    """Held-out NLL of `quant` vs `reference` (the f16 GGUF), paired over the same conversations; then, when
+    that passes and `ifeval_n` > 0, the IFEval leg (`ifeval_leg`). Both must pass."""
     from eval.stats import paired_bootstrap_diff
 
     slice_name, convs = guard_conversations(heldout_dir, n)
-    nq = _nll(model_from_gguf(quant, template), tokenizer, convs)
+    nq = _nll(model_from_gguf(quant, template, lora), tokenizer, convs)
     ref = Path(reference)
     memo_key = (str(ref.resolve()), ref.stat().st_size, ref.stat().st_mtime_ns, slice_name, tokenizer.chat_template)
     if memo_key not in _REFERENCE_NLL:  # the f16 file's scores serve every quantised candidate
@@ -155,18 +225,22 @@ def quality_guard(quant: str | Path, reference: str | Path, template: Any, token
     mde = 2.8 * (ci.hi - ci.lo) / 3.92
     wa = float(np.average(a, weights=w))
     wb = float(np.average(b, weights=w))
-    return GuardReport(passed=ci.hi <= margin, quant=str(quant), reference=str(reference), n_items=len(ids),
-                       quant_nll=round(wa, 5), reference_nll=round(wb, 5), diff=round(ci.estimate, 5),
+    passed = ci.hi <= margin
+    leg = (ifeval_leg(quant, reference, template, tokenizer, n=ifeval_n, max_new_tokens=ifeval_new_tokens, lora=lora)
+           if passed and ifeval_n > 0 else None)
+    criterion = f"95% CI upper bound of held-out NLL (quantised - f16) <= {margin} nats"
+    return GuardReport(passed=passed and (leg is None or leg["passed"]), quant=str(quant) + (f" + {lora}" if lora else ""),
+                       reference=str(reference),
+                       n_items=len(ids), quant_nll=round(wa, 5), reference_nll=round(wb, 5), diff=round(ci.estimate, 5),
                        lo=round(ci.lo, 5), hi=round(ci.hi, 5), mde=round(mde, 5), margin=margin,
-                       criterion=f"95% CI upper bound of held-out NLL (quantised - f16) <= {margin} nats",
-                       slice=slice_name)
+                       criterion=criterion + (f"; {leg['criterion']}" if leg else ""), slice=slice_name, ifeval=leg)
 
 
 def cached_guard(quant: str | Path, reference: str | Path, template: Any, tokenizer: Any, **kw: Any) -> dict:
     """`quality_guard`, run once per (file, reference, tokenizer template, criterion) and cached."""
     q, r = Path(quant), Path(reference)
-    key = hashlib.sha256(f"{q.resolve()}|{q.stat().st_size}|{r.resolve()}|{r.stat().st_size}|"
-                         f"{tokenizer.chat_template}|{kw}|{NLL_MARGIN_NATS}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{q.resolve()}|{q.stat().st_size}|{r.resolve()}|{r.stat().st_size}|{tokenizer.chat_template}|"
+                         f"{kw}|{NLL_MARGIN_NATS}|{IFEVAL_MARGIN_POINTS}|{IFEVAL_NEW_TOKENS}".encode()).hexdigest()[:10]
     path = paths.cache_dir() / "engine_choice" / f"guard-{q.stem}-{key}.json"
     if path.is_file():
         return read_json(path)

@@ -85,9 +85,10 @@ class EnginePool:
     the caller lets at least that many requests through at once (the app's Gradio queue)."""
 
     def __init__(self, entries: list[ModelEntry], *, engine: str = "auto", threads: int | None = None,
-                 context_length: int = 2048, max_loaded: int = 3, engine_slots: int = 4):
+                 context_length: int = 2048, max_loaded: int = 3, engine_slots: int = 4, engine_replicas: int = 1):
         self.engine, self.threads, self.context_length, self.max_loaded = engine, threads, context_length, max_loaded
         self.engine_slots = max(1, int(engine_slots))
+        self.engine_replicas = max(1, int(engine_replicas))
         self.entries = {e.key: e for e in entries}
         self.slots: dict[str, Slot] = {}
         self._lock = threading.Lock()
@@ -142,7 +143,7 @@ class EnginePool:
             return
         try:
             slot.note(f"background: engine {self.engine} (conversions and greedy-match checks, cached across launches)")
-            fast = load_engine(e.ref, engine=self.engine, **kw)  # type: ignore[arg-type]
+            fast = load_engine(e.ref, engine=self.engine, replicas=self.engine_replicas, **kw)  # type: ignore[arg-type]
         except Exception as ex:  # noqa: BLE001
             log.warning("%s: staying on transformers (%s)", e.key, ex)
             slot.note(f"stays on transformers: {type(ex).__name__}: {ex}")
