@@ -23,16 +23,15 @@ import pyarrow as pa
 
 from curation.frame import StageResult, split_result
 from curation.stage import MAP_PREFIX, Quiet, Stage, load_need, merge_results
-from tomelab import paths
 from tomelab.config import config_hash
 from tomelab.errors import ConfigError
+from tomelab.ray_cluster import connect, import_ray, worker_env
 from tomelab.stats import Timer
 
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 10_000  # rows per block handed to one `run`/`map` call
 PART = "__part"  # the shuffle partition column of a map_reduce stage's keys
-_ENV = ("TOMELAB_HOME", "TOMELAB_SHARED_DATA", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
 
 
 def _has_map(stage: Stage) -> bool:
@@ -140,24 +139,9 @@ class RayExecutor:
 
     def __init__(self, address: str = "", *, workers: int = 2, num_cpus: int | None = None,
                  block_rows: int = BLOCK_ROWS, progress: bool = False) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError('executor = "ray" needs Ray Data: pip install "ray[data]==2.60.0" '
-                              '(or `pip install -e ".[scale]"`), or use executor = "local"') from None
+        ray = import_ray()
         self.workers, self.block_rows, self.progress = workers, block_rows, progress
-        self._owns = False
-        if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS", "")
-            if address:
-                try:
-                    ray.init(address=address, log_to_driver=False)
-                except (ConnectionError, RuntimeError, ValueError) as e:
-                    raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({str(e).splitlines()[0]}): "
-                                      f"check the recipe's `address` or $RAY_ADDRESS") from None
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            self._owns = True
+        self._owns = connect(address, num_cpus=num_cpus, hint="recipe's `address` or $RAY_ADDRESS")
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         self.local = LocalExecutor(progress=progress)  # global steps on the driver
@@ -171,8 +155,7 @@ class RayExecutor:
     def _map(self, stage: Stage, ds, mode: str):
         import ray
 
-        env = {k: os.environ[k] for k in _ENV if k in os.environ}
-        env.update(TOMELAB_HOME=str(paths.home()), TOMELAB_SHARED_DATA=str(paths.shared_data_dir()))  # absolute
+        env = worker_env()
         if not stage.needs():  # Ray tasks on the worker processes it already has
             return ds.map_batches(_task, fn_kwargs={"stage": stage, "mode": mode, "env": env}, batch_format="pyarrow",
                                   batch_size=None, compute=ray.data.TaskPoolStrategy(size=self.workers))

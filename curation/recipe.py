@@ -16,10 +16,10 @@ from typing import Any, Literal
 from curation.sources import SourceConfig
 from tomelab import paths
 from tomelab.config import from_dict, read_config_dict, safe_name_problem, to_dict
+from tomelab.ray_cluster import address_problem
 
 FILTER_NAMES = ("length", "language", "repetition", "refusal", "broken_turns", "truncated")
 RUN_ONLY = ("executor", "address")  # Recipe fields that say where to run, not what to keep
-_ADDRESS = re.compile(r"|auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+")
 
 
 def _at_least(obj: Any, low: int | float, *names: str) -> None:
@@ -135,7 +135,6 @@ class FiltersConfig:
         unknown = [f for f in self.enabled if f not in FILTER_NAMES]
         if unknown:
             raise ValueError(f"unknown filter(s) {unknown}; choose from {list(FILTER_NAMES)}")
-        import re
 
         for p in self.refusal_patterns:
             try:
@@ -235,9 +234,9 @@ class Recipe:
     address: str = ""
 
     def __post_init__(self) -> None:
-        if not _ADDRESS.fullmatch(self.address):
-            raise ValueError(f"`address` must be \"\" (a local Ray, or $RAY_ADDRESS), \"auto\", \"ray://HOST:PORT\" "
-                             f"or \"HOST:PORT\", got {self.address!r}")
+        problem = address_problem(self.address)
+        if problem:
+            raise ValueError(f"`address` {problem}")
         problem = safe_name_problem(self.name)
         if problem:  # the name becomes folder and file names under artifacts/ and data_cards/
             raise ValueError(f"`name` {problem}. Set `name` (or rename the file) to e.g. \"my-variant\"")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.compare import BASE_ROW, MetricRow, System, check_precision, compare, pick_winner
-from eval.config import ADDRESS, AblationConfig, EvalConfig
+from eval.config import AblationConfig, EvalConfig
 from eval.evaluate import evaluate
 from eval.report import (
     leaderboard_markdown,
@@ -31,6 +31,7 @@ from tomelab.artifacts import Results, Run, Variant, home_relative, resolve_resu
 from tomelab.config import load_config
 from tomelab.errors import TomelabError
 from tomelab.io import read_json, write_json, write_text
+from tomelab.ray_cluster import address_problem, import_ray
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +197,14 @@ def run_ablation(cfg_path: str | Path, *, reverse: bool = False, executor: str |
     cfg_path = Path(cfg_path)
     cfg = load_config(cfg_path, AblationConfig)
     ecfg = load_config(cfg.eval_config, EvalConfig)
-    if address is not None and not ADDRESS.fullmatch(address):
-        raise TomelabError(f"--address must be \"auto\", \"ray://HOST:PORT\" or \"HOST:PORT\" (or \"\"), got {address!r}")
+    if address is not None and address_problem(address):
+        raise TomelabError(f"--address {address_problem(address)}")
     cfg.executor, cfg.address = executor or cfg.executor, cfg.address if address is None else address
     if cfg.executor == "ray" and reverse:
         raise TomelabError("--reverse starts a second local worker; with the Ray executor the cluster schedules every "
                            "job: drop --reverse (or use --executor local)")
     if cfg.executor == "ray":
-        from eval.ablate_ray import _import_ray
-
-        _import_ray()  # a missing Ray fails before any work
+        import_ray()  # a missing Ray fails before any work
 
     log.info("%s", plan_cost(cfg, ecfg))
     log.info("[1/4] curate %d variant(s)%s (cached ones are read back)", len(cfg.variants),

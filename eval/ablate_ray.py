@@ -12,17 +12,14 @@ multi-node cluster it must be a path every node shares). The driver then builds 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from tomelab import paths
 from tomelab.errors import TomelabError
+from tomelab.ray_cluster import connect, import_ray, worker_env
 
 log = logging.getLogger(__name__)
 
-PASSED_ENV = ("TOMELAB_PRECISION", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE",
-              "TOKENIZERS_PARALLELISM")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 # one training job: (variant folder, base model, seed, TrainConfig)
@@ -31,10 +28,7 @@ TrainJob = tuple[str, str, int, Any]
 
 def job_env(threads: int) -> dict[str, str]:
     """Environment of every task: the absolute artefact home and shared data, offline switches, thread counts."""
-    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-    env.update(TOMELAB_HOME=str(paths.home().resolve()), TOMELAB_SHARED_DATA=str(paths.shared_data_dir().resolve()))
-    env.update({k: str(threads) for k in THREAD_ENV})
-    return env
+    return worker_env(**{k: str(threads) for k in THREAD_ENV})
 
 
 def _set_threads(threads: int) -> None:
@@ -62,34 +56,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise TomelabError("executor = \"ray\" needs Ray: pip install 'tomelab[scale]' (or `pip install -e \".[scale]\"` "
-                           "in a checkout), or run the grid locally (executor = \"local\")") from None
-    return ray
-
-
-def connect(address: str) -> bool:
-    """Join the cluster at `address` (else $RAY_ADDRESS, else start a local Ray on this machine's cores); a Ray the
-    caller already started is used as is. Returns whether this call started it (and so shuts it down)."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-        raise TomelabError(f"cannot start or reach {where} ({_first_line(e)}): check the ablation's `address`, "
-                           "--address or $RAY_ADDRESS") from None
-    return True
-
-
 def resources(ray: Any, job_cpus: int) -> dict[str, Any]:
     """One GPU per job where the cluster has GPUs, else `job_cpus` CPUs (refused when no node could ever run it)."""
     total = ray.cluster_resources()
@@ -106,8 +72,8 @@ def run_grid(base_evals: list[str], runs: list[TrainJob], ecfg: Any, heldout_dir
              job_cpus: int = 1) -> list[str]:
     """Evaluate each base model in `base_evals` and train + evaluate each of `runs` as Ray tasks; wait for all.
     Returns the run directories in the order of `runs`. The first failed job cancels the rest and is raised."""
-    ray = _import_ray()
-    owns = connect(address)
+    ray = import_ray()
+    owns = connect(address, hint="ablation's `address`, --address or $RAY_ADDRESS")
     try:
         opts = {**resources(ray, job_cpus), "runtime_env": {"env_vars": job_env(job_cpus)}}
         train = ray.remote(_train).options(**opts, name="tomelab-train")

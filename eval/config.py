@@ -10,8 +10,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tomelab.ray_cluster import address_problem
+
 EVAL_SETS = ("heldout", "ifeval", "gsm8k")
-ADDRESS = re.compile(r"|auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d+")  # the forms a recipe's `address` takes
 
 # Ablation metric -> (eval set, per-item score key, per-item weight key or None, higher is better, subset).
 # Each is a weighted mean of per-item scores over a subset of the set's items, so intervals can resample
@@ -245,9 +246,9 @@ class AblationConfig:
                 raise ValueError(f"arm name {a.name!r} must not contain '/', '\\', '@' or spaces (it names a folder)")
 
     def _check_common(self) -> None:
-        if not ADDRESS.fullmatch(self.address):
-            raise ValueError(f"`address` must be \"\" (a local Ray, or $RAY_ADDRESS), \"auto\", \"ray://HOST:PORT\" "
-                             f"or \"HOST:PORT\", got {self.address!r}")
+        problem = address_problem(self.address)
+        if problem:
+            raise ValueError(f"`address` {problem}")
         if self.job_cpus < 1:
             raise ValueError(f"job_cpus must be >= 1, got {self.job_cpus}")
         if self.variant_prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.variant_prefix):

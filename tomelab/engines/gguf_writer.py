@@ -53,9 +53,14 @@ def can_write(model_dir: str | Path) -> bool:
     return any(a in SUPPORTED_ARCHS for a in archs)
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def rotary_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's rotary layout for q/k rows (its converter's `LlamaModel.permute`)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rotary_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `rotary_permute`: HF row order back from llama.cpp's."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _gguf_name(hf: str) -> str | None:
@@ -170,9 +175,9 @@ def write_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", *, 
                     if transform is not None:
                         a = np.asarray(transform(hf, a), dtype=np.float32)
                     if hf.endswith("q_proj.weight"):
-                        a = _permute(a, n_head)
+                        a = rotary_permute(a, n_head)
                     elif hf.endswith("k_proj.weight"):
-                        a = _permute(a, n_kv)
+                        a = rotary_permute(a, n_kv)
                     t = gguf.GGMLQuantizationType.Q8_0 if name == "token_embd.weight" and outtype in _EMBED_Q8 else qtype
                     if a.ndim == 1 or t == gguf.GGMLQuantizationType.F32:
                         w.add_tensor(name, a.astype(np.float32))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tomelab import paths
+from tomelab.engines.gguf_writer import rotary_unpermute
 from tomelab.errors import TomelabError
 from tomelab.io import read_json, write_json
 
@@ -76,10 +77,6 @@ def ifeval_summary(leg: dict) -> str:
             f"answers identical) on {leg['n_items']} prompts")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def model_from_gguf(gguf_path: str | Path, template: Any, lora: str | Path | None = None) -> Any:
     """A copy of the (Llama) transformers `template` model holding the dequantised weights of `gguf_path`
     (plus the deltas of a llama.cpp LoRA adapter file `lora`, as llama.cpp applies them)."""
@@ -104,9 +101,9 @@ def model_from_gguf(gguf_path: str | Path, template: Any, lora: str | Path | Non
             continue
         a = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape.tolist())])
         if hf.endswith("q_proj.weight"):
-            a = _unpermute(a, n_head)
+            a = rotary_unpermute(a, n_head)
         elif hf.endswith("k_proj.weight"):
-            a = _unpermute(a, n_kv)
+            a = rotary_unpermute(a, n_kv)
         if hf not in state or tuple(state[hf].shape) != a.shape:
             raise TomelabError(f"{gguf_path}: tensor {t.name} {a.shape} does not fit the model "
                                f"({tuple(state[hf].shape) if hf in state else 'missing'}): a file of another model?")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tomelab import paths
-from tomelab.engines.gguf_writer import _permute
+from tomelab.engines.gguf_writer import rotary_permute, rotary_unpermute
 from tomelab.errors import TomelabError
 from tomelab.io import atomic_path
 
@@ -90,9 +90,9 @@ def write_lora_gguf(adapter_dir: str | Path, base_cfg: dict, out: str | Path) ->
                 raise TomelabError(f"{adapter_dir}: {name} has only {sorted(ab)}")
             a, b = ab["lora_A"], ab["lora_B"]
             if ".attn_q." in name:
-                b = _permute(b, n_head)
+                b = rotary_permute(b, n_head)
             elif ".attn_k." in name:
-                b = _permute(b, n_kv)
+                b = rotary_permute(b, n_kv)
             w.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
             w.add_tensor(name + ".lora_b", np.ascontiguousarray(b, dtype=np.float32))
         w.write_header_to_file()
@@ -116,8 +116,6 @@ def apply_lora_gguf(state: dict[str, Any], lora_path: str | Path, base_cfg: dict
     import gguf
     import torch
 
-    from tomelab.engines.guard import _unpermute
-
     reader = gguf.GGUFReader(str(lora_path))
     field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     alpha = float(field.contents()) if field is not None else 0.0
@@ -129,9 +127,9 @@ def apply_lora_gguf(state: dict[str, Any], lora_path: str | Path, base_cfg: dict
     for name in sorted(n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")):
         a, b = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
         if ".attn_q." in name:
-            b = _unpermute(b, n_head)
+            b = rotary_unpermute(b, n_head)
         elif ".attn_k." in name:
-            b = _unpermute(b, n_kv)
+            b = rotary_unpermute(b, n_kv)
         _, layer, kind, _ = name.split(".")
         module = inverse[kind]
         hf = f"model.layers.{layer}.{'self_attn' if module.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{module}.weight"

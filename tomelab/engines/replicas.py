@@ -2,8 +2,8 @@
 
 Why: on these CPUs one llama.cpp server with 2 threads synchronises its threads at every op of a small
 model's graph, and batching 20 sequences on one thread gains little over decoding them one by one
-(bench/serve_load.py: 1 thread x 20 slots ~1.1x the aggregate tok/s of one at a time, 2 threads x 20 slots
-~1.8x). Independent servers, one thread each, share nothing, so each core decodes its own batch. Each new
+(exploratory readings on a loaded machine, results/REPORT.md section 7: 1 thread x 20 slots ~1.1x the p95 of
+one at a time, 2 threads x 20 slots ~1.8x; two replicas 2.36x on a quiet one, `bench/serve_load.py`). Independent servers, one thread each, share nothing, so each core decodes its own batch. Each new
 request goes to the server with the fewest requests in flight; within a server, llama.cpp's slots batch
 them (continuous batching).
 """
