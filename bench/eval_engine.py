@@ -1,13 +1,16 @@
-"""Evaluation generation: transformers batched `generate` vs llama.cpp (xllamacpp) parallel slots, same prompts.
+"""Evaluation generation: transformers batched `generate` vs CTranslate2 batches and llama.cpp slots, same prompts.
 
     .venv/bin/python bench/eval_engine.py                                  # 24 IFEval prompts, 192 new tokens
-    .venv/bin/python bench/eval_engine.py --limit 32 --max-new-tokens 512 --workers 2 --slots 8   # README figure
+    .venv/bin/python bench/eval_engine.py --limit 64 --max-new-tokens 512 --batch-size 32 --ct2 int8 --gguf-type f16
 
-Both sides answer the same IFEval prompts (the eval's own item order, `stable_subset`) greedily with the
+Every side answers the same IFEval prompts (the eval's own item order, `stable_subset`) greedily with the
 same chat template, through the eval's own functions: `eval.generate.generate_greedy` (transformers fp32,
-left-padded batches sorted by length, KV cache) and `eval.generate.generate_greedy_engine` (llama.cpp on an
-f16 GGUF of the same weights, `--workers` single-thread servers with `--slots` prompts each decoded together by continuous batching, stop at end of
-turn). Printed, all measured in this run:
+left-padded batches sorted by length, KV cache), `eval.generate.generate_greedy_batched` (`--ct2`:
+CTranslate2 on the converted weights, length-sorted batches of `--ct2-batch`, `--workers` single-thread
+batch workers) and `eval.generate.generate_greedy_engine` (`--gguf-type`: llama.cpp on a GGUF of the same
+weights, `--workers` single-thread servers with `--slots` prompts each decoded together by continuous
+batching). All stop at end of turn. The sides take turns chunk by chunk (`--chunk` prompts), so load from
+other processes hits them alike. Printed, all measured in this run:
 
 * generated tokens per wall second of each side and their ratio (the speed-up of evaluation);
 * the greedy-match rate (identical answers) and the mean common-prefix fraction;
@@ -50,16 +53,19 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=16, help="transformers side")
     ap.add_argument("--hf-threads", type=int, default=2, help="torch threads of the transformers side (2: both cores)")
-    ap.add_argument("--workers", type=int, default=2, help="llama.cpp servers of 1 thread each (2: both cores)")
+    ap.add_argument("--workers", type=int, default=2, help="llama.cpp servers / CTranslate2 batch workers of 1 thread each (2: both cores)")
     ap.add_argument("--slots", type=int, default=8, help="llama.cpp parallel sequences per server")
-    ap.add_argument("--gguf-type", nargs="+", default=["f16"], help="GGUF types served by llama.cpp")
+    ap.add_argument("--gguf-type", nargs="*", default=["f16"], help="GGUF types served by llama.cpp (none: skip llama.cpp)")
+    ap.add_argument("--ct2", nargs="*", default=[], help="CTranslate2 compute types to add (int8, int16, float32, ...)")
+    ap.add_argument("--ct2-batch", type=int, default=16, help="CTranslate2 prompts per batch (`--workers` batches at once)")
+    ap.add_argument("--chunk", type=int, default=0, help="prompts per turn of the interleaving (0: the largest batch of any side)")
     ap.add_argument("--json", default="artifacts/bench/eval_engine.json")
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
-    from eval.generate import generate_greedy, generate_greedy_engine
+    from eval.generate import generate_greedy, generate_greedy_batched, generate_greedy_engine
     from eval.sets import load_ifeval, score_ifeval, stable_subset
     from eval.stats import paired_bootstrap_diff
     from tomelab.engines.choice import load_engine, load_for_inference
@@ -75,8 +81,13 @@ def main() -> int:
                                slots=args.slots, guard=False) for _ in range(args.workers)]
         runs[f"llama.cpp {gt} {args.workers}x{args.slots} slots"] = (lambda e: lambda ps: generate_greedy_engine(
             e, ps, max_new_tokens=args.max_new_tokens, desc="llama.cpp"))(engines)
+    for ct in args.ct2:  # the eval's `engine = "ctranslate2"`: `workers` batches of `ct2_batch` at once
+        ct2 = load_engine(args.model, engine="ctranslate2", ct2_quantization=ct, threads=1, context_length=4096,
+                          replicas=args.workers)
+        runs[f"ctranslate2 {ct} {args.workers}x{args.ct2_batch} batch"] = (lambda e: lambda ps: generate_greedy_batched(
+            e, ps, max_new_tokens=args.max_new_tokens, batch_size=args.ct2_batch, desc="generate"))(ct2)
     # sides take turns chunk by chunk, so load from other processes on the shared CPU hits them alike
-    chunk = max(args.batch_size, args.workers * args.slots)
+    chunk = args.chunk or max(args.batch_size, args.workers * args.slots, args.workers * args.ct2_batch if args.ct2 else 0)
     acc = {name: {"outputs": {}, "seconds": 0.0} for name in runs}
     for i in range(0, len(prompts), chunk):
         for name, fn in runs.items():
@@ -107,9 +118,9 @@ def main() -> int:
             diffs[metric] = {**ci.to_dict(), "mde": 2.8 * (ci.hi - ci.lo) / 3.92, "agree": ci.lo <= 0 <= ci.hi}
         compare[name] = {"identical": same, "mean_prefix": prefix, "diffs": diffs}
 
-    print(f"\n{args.model}: {len(items)} IFEval prompts, greedy, max {args.max_new_tokens} new tokens; transformers "
-          f"batch {args.batch_size} on {args.hf_threads} thread(s); llama.cpp {args.workers} server(s) x 1 thread x "
-          f"{args.slots} slots")
+    print(f"\n{args.model}: {len(items)} IFEval prompts, greedy, max {args.max_new_tokens} new tokens, {chunk} prompts per "
+          f"turn; transformers batch {args.batch_size} on {args.hf_threads} thread(s); llama.cpp {args.workers} server(s) "
+          f"x 1 thread x {args.slots} slots; CTranslate2 {args.workers} worker(s) x 1 thread x batch {args.ct2_batch}")
     print("| engine | generated tokens | seconds | tok/s | vs transformers | projected full IFEval (min) | prompt-strict | inst-strict |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -84,17 +84,21 @@ class EvalConfig:
     # torch intra-op threads while evaluating; 0 keeps torch's default. On a CPU shared by several jobs,
     # 1 thread generated ~5x faster than 2 here (OpenMP workers spin-wait when preempted).
     threads: int = 0
-    # generation engine for IFEval/GSM8K/held-out answers. "llama.cpp" is the app's serving path: a GGUF
-    # of the same weights (gguf_type) served by xllamacpp (prebuilt wheel), `engine_workers` servers of one
-    # thread each with `slots` parallel sequences apiece decoded together (continuous batching, stop at end
-    # of turn), or llama-cpp-python one prompt at a time. bench/eval_engine.py measures its speed against
-    # batched transformers and the paired IFEval difference (docs/evaluation.md). Its kernels differ, so
-    # greedy outputs can drift late in long answers: compare models within one engine. NLL is always
-    # computed with transformers.
-    engine: Literal["transformers", "llama.cpp"] = "transformers"
+    # generation engine for IFEval/GSM8K/held-out answers. "ctranslate2": the weights converted for
+    # CTranslate2 (ct2_compute_type), prompts sorted by length in batches of `batch_size`, `engine_workers`
+    # batches decoded at once (one thread each), stop at end of turn. "llama.cpp" is the app's serving path:
+    # a GGUF of the same weights (gguf_type) served by xllamacpp (prebuilt wheel), `engine_workers` servers
+    # of one thread each with `slots` parallel sequences apiece decoded together (continuous batching), or
+    # llama-cpp-python one prompt at a time. bench/eval_engine.py measures their speed against batched
+    # transformers and the paired IFEval difference (docs/evaluation.md). Their kernels differ, so greedy
+    # outputs drift: compare models within one engine. NLL is always computed with transformers.
+    engine: Literal["transformers", "llama.cpp", "ctranslate2"] = "transformers"
     gguf_type: Literal["f16", "f32", "q8_0", "lora"] = "f16"  # q8_0, lora: check bench/eval_engine.py agreement first
-    engine_workers: int = 2  # llama.cpp servers (one thread each): one per core
-    slots: int = 8  # parallel sequences per server
+    # int8 agreed with transformers within the paired CI but widened a model-vs-model interval by half;
+    # int16 did not agree (bench/eval_engine.py, scripts/engine_conclusions.py, REPORT section 6)
+    ct2_compute_type: Literal["int8", "int8_float32", "int16", "float32"] = "int8"
+    engine_workers: int = 2  # llama.cpp servers / CTranslate2 batch workers (one thread each): one per core
+    slots: int = 8  # parallel sequences per llama.cpp server
     heldout: HeldoutEvalConfig = field(default_factory=HeldoutEvalConfig)
     ifeval: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
     gsm8k: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))

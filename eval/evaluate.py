@@ -141,7 +141,7 @@ def _heldout_generation_items(pool: list[EvalItem], sc: Any, tok: Any) -> list[E
 
 def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any, tok: Any, out_dir: Path, tag: str,
                   pool: list[EvalItem] | None = None, engine: Any = None) -> list[dict]:
-    from eval.generate import assistant_nll, generate_greedy, generate_greedy_engine
+    from eval.generate import assistant_nll, generate_greedy, generate_greedy_batched, generate_greedy_engine
 
     sc = getattr(cfg, name)
     if name == "heldout":
@@ -162,7 +162,10 @@ def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any,
     if gen_items:
         prompts = [(it.id, it.messages) for it in gen_items]
         partial = out_dir / f".{name}.partial-{tag}.jsonl"
-        if engine is not None:
+        if engine is not None and hasattr(engine.backend, "generate_batch"):
+            outs = generate_greedy_batched(engine, prompts, max_new_tokens=sc.max_new_tokens, batch_size=cfg.batch_size,
+                                           partial_path=partial, desc=f"{name} generate")
+        elif engine is not None:
             outs = generate_greedy_engine(engine, prompts, max_new_tokens=sc.max_new_tokens, partial_path=partial,
                                           desc=f"{name} generate")
         else:
@@ -262,9 +265,21 @@ def _set_tag(name: str, cfg: EvalConfig, items: list[EvalItem], pool: list[EvalI
                         "pool": [it.id for it in pool] if name == "heldout" else None,
                         "model": fingerprint, "dtype": cfg.dtype,
                         # only when not the default, so outputs cached before this option stay valid
-                        **({"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": cfg.slots,
-                            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {})}
-                           if cfg.engine != "transformers" else {})})
+                        **_engine_tag(cfg)})
+
+
+def _engine_tag(cfg: EvalConfig) -> dict[str, Any]:
+    """What of the generation engine changes its outputs (nothing for the default, so outputs cached before
+    these options existed stay valid). CTranslate2: the compute type, version and batch composition."""
+    if cfg.engine == "transformers":
+        return {}
+    if cfg.engine == "ctranslate2":
+        import ctranslate2
+
+        return {"engine": f"ctranslate2-{cfg.ct2_compute_type}", "runtime": f"ctranslate2-{ctranslate2.__version__}",
+                "batch": cfg.batch_size, "threads": cfg.threads or 1}
+    return {"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": cfg.slots,
+            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {})}
 
 
 def _llama_runtime() -> str:
@@ -286,9 +301,9 @@ def assist_generation(ref: str | Path, cfg: EvalConfig) -> int:
     Only for a serving engine (`engine = "llama.cpp"`), whose generation is one prompt at a time."""
     from eval.generate import generate_greedy_engine
 
-    if cfg.engine == "transformers":
-        raise TomelabError("--assist needs `engine = \"llama.cpp\"` in the eval config: batched transformers "
-                           "generation cannot share its work item by item.")
+    if cfg.engine != "llama.cpp":
+        raise TomelabError(f"--assist needs `engine = \"llama.cpp\"` in the eval config: batched {cfg.engine} "
+                           "generation cannot share its work item by item (it already uses `engine_workers` cores).")
     key, fingerprint = run_key(ref), _model_fingerprint(ref)
     out_dir = evals_dir() / key
     engine, answered = None, 0
@@ -320,6 +335,10 @@ def _generation_engine(ref: str | Path, cfg: EvalConfig) -> Any:
     from tomelab.engines.backend_llamacpp import XLlamaBackend
     from tomelab.engines.chat import ChatEngine
     from tomelab.engines.choice import load_engine
+
+    if cfg.engine == "ctranslate2":  # one engine: `engine_workers` batches decode in parallel inside it
+        return load_engine(str(ref), engine="ctranslate2", ct2_quantization=cfg.ct2_compute_type, threads=cfg.threads or 1,
+                           dtype=cfg.dtype, context_length=4096, replicas=cfg.engine_workers)
 
     first = load_engine(str(ref), engine=cfg.engine, gguf_type=cfg.gguf_type, threads=cfg.threads or 1,
                         dtype=cfg.dtype, context_length=4096, slots=cfg.slots)

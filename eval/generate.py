@@ -176,6 +176,67 @@ def generate_greedy_engine(
     return done
 
 
+def generate_greedy_batched(
+    engine: Any,
+    prompts: list[tuple[str, list[dict[str, str]]]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    partial_path: Path | None = None,
+    desc: str = "generate",
+) -> dict[str, str]:
+    """`generate_greedy` through a batch engine (CTranslate2 `generate_batch`, `engine.backend`), resumable
+    from `partial_path` like the other paths.
+
+    Prompts are rendered with the same chat template as `generate_greedy`, sorted longest first and cut
+    into fixed batches of `batch_size` over the whole prompt list: a resumed run decodes the same batches,
+    since int8 greedy output can depend on what a prompt is batched with. `engine.backend.workers`
+    batches decode at once (one per core), longest first, so the short ones fill the tail; each finished
+    batch is appended to `partial_path`. Answers stop at end of turn.
+    """
+    import itertools
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    tok, backend = engine.tokenizer, engine.backend
+    done = read_partial(partial_path) if partial_path else {}
+    ids = {pid: tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"] for pid, msgs in prompts}
+    position = {pid: i for i, (pid, _) in enumerate(prompts)}
+    order = sorted(ids, key=lambda p: (-len(ids[p]), position[p]))
+    batches = [b for b in _batches(order, batch_size) if any(p not in done for p in b)]
+    if not batches:
+        return done
+    workers = max(1, int(getattr(backend, "workers", 1)))
+    if partial_path:
+        partial_path.parent.mkdir(parents=True, exist_ok=True)
+    sink = partial_path.open("a", encoding="utf-8") if partial_path else None
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tomelab-batch")
+    try:
+        with tqdm(total=sum(map(len, batches)), desc=f"{desc} ({engine.engine_name} {workers}x{batch_size})",
+                  unit="item") as bar:
+            pending, running = iter(batches), {}
+            while True:  # `workers` batches in flight; the next starts when one finishes (none after an error)
+                for b in itertools.islice(pending, workers - len(running)):
+                    running[pool.submit(backend.generate_batch, [ids[p] for p in b], max_new_tokens=max_new_tokens,
+                                        stop_ids=set(engine.stop_ids))] = b
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    batch = running.pop(fut)
+                    for pid, out in zip(batch, fut.result()):
+                        done[pid] = tok.decode(out, skip_special_tokens=True).strip()
+                        if sink:
+                            sink.write(json.dumps({"id": pid, "output": done[pid]}, ensure_ascii=False) + "\n")
+                    if sink:
+                        sink.flush()
+                    bar.update(len(batch))
+    finally:
+        pool.shutdown(wait=True)  # on an error or Ctrl-C the batches in flight finish; no new one starts
+        if sink:
+            sink.close()
+    return done
+
+
 def assistant_token_mask(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and a 0/1 mask of assistant-content tokens.
 

@@ -1,4 +1,5 @@
-"""The CTranslate2 backend: `Generator.generate_tokens` on a converted model (`convert.export_ct2`)."""
+"""The CTranslate2 backend on a converted model (`convert.export_ct2`): `Generator.generate_tokens` streams
+one chat; `generate_batch` decodes many prompts together (evaluation, `eval.generate.generate_greedy_batched`)."""
 
 from __future__ import annotations
 
@@ -25,20 +26,25 @@ def passive_openmp() -> None:
 
 
 class CTranslate2Backend:
-    """CTranslate2's `Generator.generate_tokens` (streams ids); one generation at a time per model."""
+    """CTranslate2's `Generator`: streamed chats one at a time, or batches of prompts, `workers` at once.
+
+    `threads` is each worker's intra-op threads, `workers` CTranslate2's `inter_threads`: how many batches
+    decode in parallel, each on its own copy of the working buffers (two single-thread workers fill the
+    2 cores without OpenMP threads spinning against each other)."""
 
     name = "ctranslate2"
 
     def __init__(self, ct2_dir: str | Path, tokenizer: Any, *, compute_type: str = "int8", threads: int | None = None,
-                 context_length: int = 2048):
+                 context_length: int = 2048, workers: int = 1):
         passive_openmp()
         import ctranslate2
 
         self.threads = threads or default_threads()
+        self.workers = max(1, workers)
         self.context_length = context_length
         self.tokenizer = tokenizer  # ct2 takes prompt tokens as strings
         self.generator = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                               intra_threads=self.threads, inter_threads=1)
+                                               intra_threads=self.threads, inter_threads=self.workers)
         self.dtype = compute_type
         self._lock = threading.Lock()
 
@@ -66,3 +72,12 @@ class CTranslate2Backend:
             finally:
                 with contextlib.suppress(Exception):
                     gen.close()
+
+    def generate_batch(self, prompts_ids: list[list[int]], *, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        """Greedy answer ids of prompts decoded as one batch (finished answers leave the batch at their end
+        token). Thread-safe: concurrent calls run on CTranslate2's `workers`, the rest queue."""
+        tokens = [self.tokenizer.convert_ids_to_tokens(p) for p in prompts_ids]
+        results = self.generator.generate_batch(
+            tokens, max_length=max_new_tokens, sampling_topk=1, end_token=sorted(stop_ids),
+            include_prompt_in_result=False, max_batch_size=len(tokens))
+        return [list(r.sequences_ids[0]) for r in results]

@@ -74,8 +74,9 @@ def _fast_engine(kind: str, ref: str, model: Any, tok: Any, stop: set[int], *, t
         if not ctranslate2_available():
             raise TomelabError("ctranslate2 is not installed: pip install 'ctranslate2>=4.8,<5'")
         ct2 = export_ct2(hf_weights_dir(ref, model, tok), ct2_quantization)
-        backend = CTranslate2Backend(ct2, tok, compute_type=ct2_quantization, threads=threads, context_length=context_length)
-        info = dict(info, weights=str(ct2))
+        backend = CTranslate2Backend(ct2, tok, compute_type=ct2_quantization, threads=threads, context_length=context_length,
+                                     workers=replicas)
+        info = dict(info, weights=str(ct2), workers=backend.workers)
     else:
         raise TomelabError(f"unknown engine {kind!r}; use auto, transformers, llama.cpp or ctranslate2")
     return ChatEngine(backend, tok, label=label, stop_ids=stop, info=info)
@@ -116,7 +117,8 @@ def load_engine(
     `artifacts/cache/engine_choice/`); otherwise transformers `generate`. Naming an engine
     serves it without the check (and fails loudly when it cannot load). `slots`: concurrent requests
     llama.cpp (xllamacpp) decodes together; others queue. `replicas` > 1: that many single-thread llama.cpp
-    servers of the file share the `slots` and the requests (`tomelab.engines.replicas`: one per core).
+    servers of the file share the `slots` and the requests (`tomelab.engines.replicas`: one per core); for
+    CTranslate2, that many batches decode in parallel (`inter_threads`, used by batched evaluation).
     A quantised GGUF (Q4_1, q8_0, ...) is served only when it passes the quality guard
     (`tomelab.engines.guard`: held-out NLL vs the f16 file, paired CI; verdict in `info["quality_guard"]`),
     in `auto` and when named (`guard=False` skips it, for benchmarks of speed only).
