@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tomelab.engines.loops import LoopRule
 from tomelab.ray_cluster import address_problem
 
 EVAL_SETS = ("heldout", "ifeval", "gsm8k")
@@ -99,6 +100,13 @@ class EvalConfig:
     ct2_compute_type: Literal["int8", "int8_float32", "int16", "float32"] = "int8"
     engine_workers: int = 2  # llama.cpp servers / CTranslate2 batch workers (one thread each): one per core
     slots: int = 8  # parallel sequences per llama.cpp server
+    # CTranslate2 and llama.cpp engines. N >= 2: an answer whose last `loop_min_tokens` or more tokens repeat
+    # one token cycle N times stops decoding, and its cycle is written out to max_new_tokens
+    # (tomelab/engines/loops.py); 0: decode every answer to its end. Greedy loops hold most IFEval tokens of a
+    # small model; scripts/loop_rule.py chose 3 x 128 on validation prompts and checked it on test prompts
+    # and against full runs (docs/evaluation.md, Loop extrapolation)
+    loop_repeats: int = 0
+    loop_min_tokens: int = 128
     heldout: HeldoutEvalConfig = field(default_factory=HeldoutEvalConfig)
     ifeval: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
     gsm8k: GenSetConfig = field(default_factory=lambda: GenSetConfig(max_new_tokens=256))
@@ -110,6 +118,11 @@ class EvalConfig:
             raise ValueError("threads must be >= 0 (0 keeps torch's default)")
         if not 1 <= self.engine_workers <= 64 or not 1 <= self.slots <= 64:
             raise ValueError("engine_workers and slots must be between 1 and 64")
+        if self.loop_repeats and (self.loop_repeats < 2 or self.loop_min_tokens < 1):
+            raise ValueError("loop_repeats must be 0 (off) or >= 2, and loop_min_tokens >= 1")
+        if self.loop_repeats and self.engine == "transformers":
+            raise ValueError("loop_repeats needs engine = \"ctranslate2\" or \"llama.cpp\" (this config has the "
+                             "default, transformers); set loop_repeats = 0 or choose an engine")
         for name in EVAL_SETS:
             s = getattr(self, name)
             if s.limit is not None and s.limit < 1:
@@ -119,6 +132,9 @@ class EvalConfig:
 
     def enabled_sets(self) -> list[str]:
         return [s for s in EVAL_SETS if getattr(self, s).enabled]
+
+    def loop_rule(self) -> LoopRule | None:
+        return LoopRule(self.loop_repeats, self.loop_min_tokens) if self.loop_repeats else None
 
 
 @dataclass

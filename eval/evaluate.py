@@ -162,12 +162,12 @@ def _evaluate_set(name: str, items: list[EvalItem], cfg: EvalConfig, model: Any,
     if gen_items:
         prompts = [(it.id, it.messages) for it in gen_items]
         partial = out_dir / f".{name}.partial-{tag}.jsonl"
-        if engine is not None and hasattr(engine.backend, "generate_batch"):
+        if engine is not None and not isinstance(engine, list) and hasattr(engine.backend, "generate_batch"):
             outs = generate_greedy_batched(engine, prompts, max_new_tokens=sc.max_new_tokens, batch_size=cfg.batch_size,
-                                           partial_path=partial, desc=f"{name} generate")
+                                           partial_path=partial, desc=f"{name} generate", loop_rule=cfg.loop_rule())
         elif engine is not None:
             outs = generate_greedy_engine(engine, prompts, max_new_tokens=sc.max_new_tokens, partial_path=partial,
-                                          desc=f"{name} generate")
+                                          desc=f"{name} generate", loop_rule=cfg.loop_rule())
         else:
             outs = generate_greedy(model, tok, prompts, max_new_tokens=sc.max_new_tokens, batch_size=cfg.batch_size,
                                    partial_path=partial, desc=f"{name} generate")
@@ -277,9 +277,11 @@ def _engine_tag(cfg: EvalConfig) -> dict[str, Any]:
         import ctranslate2
 
         return {"engine": f"ctranslate2-{cfg.ct2_compute_type}", "runtime": f"ctranslate2-{ctranslate2.__version__}",
-                "batch": cfg.batch_size, "threads": cfg.threads or 1}
+                "batch": cfg.batch_size, "threads": cfg.threads or 1,
+                **({"loops": [cfg.loop_repeats, cfg.loop_min_tokens]} if cfg.loop_repeats else {})}
     return {"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": cfg.slots,
-            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {})}
+            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {}),
+            **({"loops": [cfg.loop_repeats, cfg.loop_min_tokens]} if cfg.loop_repeats else {})}
 
 
 def _llama_runtime() -> str:

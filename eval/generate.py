@@ -104,6 +104,7 @@ def generate_greedy_engine(
     partial_path: Path | None = None,
     desc: str = "generate",
     reverse: bool = False,
+    loop_rule: Any = None,
 ) -> dict[str, str]:
     """`generate_greedy` through a serving `tomelab.engines.chat.ChatEngine` (e.g. llama.cpp), greedy,
     resumable from `partial_path` like the batched path.
@@ -113,6 +114,7 @@ def generate_greedy_engine(
     the next prompt at once, so nothing waits for the longest answer of a batch). Stops at end of turn.
     Several engines (one single-thread llama.cpp server per core, `eval.engine_workers`) share one queue
     of prompts: each worker thread is bound to one engine, so every engine keeps its slots full.
+    A `loop_rule` stops an answer caught in a token cycle and writes the cycle out (`ChatEngine.stream_messages`).
     The partial file is re-read before each prompt, so a second worker walking the prompts from the
     other end (`reverse=True`, `tomelab eval --assist`) shares the work; appends are whole lines.
     """
@@ -125,7 +127,9 @@ def generate_greedy_engine(
     todo = [(pid, msgs) for pid, msgs in prompts if pid not in done]
     if not todo:
         return done
-    settings = GenerationSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, system_prompt="")
+    settings = GenerationSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, system_prompt="",
+                                  loop_rule=loop_rule)
+    looped: list[str] = []
     engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
     # each worker thread is bound to one engine on first use: `slots` workers per engine
     bound = [e for e in engines for _ in range(max(1, int(getattr(getattr(e, "backend", None), "slots", 1))))]
@@ -150,9 +154,12 @@ def generate_greedy_engine(
         if not hasattr(local, "engine"):
             with lock:
                 local.engine = bound[next(claimed) % workers]
-        text = local.engine.generate(msgs, settings).text.strip()
+        last = local.engine.generate(msgs, settings)
+        text = last.text.strip()
         with lock:
             done[pid] = text
+            if getattr(last, "finish_reason", None) == "loop":
+                looped.append(pid)
             if sink:
                 sink.write(json.dumps({"id": pid, "output": text}, ensure_ascii=False) + "\n")
                 sink.flush()
@@ -173,6 +180,9 @@ def generate_greedy_engine(
     finally:
         if sink:
             sink.close()
+    if loop_rule:
+        log.info("%s: %d answers caught in a token loop (%d repeats, >= %d tokens) and written out", desc, len(looped),
+                 loop_rule.min_repeats, loop_rule.min_tokens)
     return done
 
 
@@ -184,6 +194,8 @@ def generate_greedy_batched(
     batch_size: int,
     partial_path: Path | None = None,
     desc: str = "generate",
+    loop_rule: Any = None,
+    answer_ids: dict[str, list[int]] | None = None,
 ) -> dict[str, str]:
     """`generate_greedy` through a batch engine (CTranslate2 `generate_batch`, `engine.backend`), resumable
     from `partial_path` like the other paths.
@@ -192,7 +204,9 @@ def generate_greedy_batched(
     into fixed batches of `batch_size` over the whole prompt list: a resumed run decodes the same batches,
     since int8 greedy output can depend on what a prompt is batched with. `engine.backend.workers`
     batches decode at once (one per core), longest first, so the short ones fill the tail; each finished
-    batch is appended to `partial_path`. Answers stop at end of turn.
+    batch is appended to `partial_path`. Answers stop at end of turn, or with a `loop_rule`
+    (`tomelab.engines.loops.LoopRule`) once caught in a token cycle, which is then written out to the limit.
+    `answer_ids`, if given, receives the answer token ids of the prompts decoded in this call.
     """
     import itertools
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -210,6 +224,8 @@ def generate_greedy_batched(
         partial_path.parent.mkdir(parents=True, exist_ok=True)
     sink = partial_path.open("a", encoding="utf-8") if partial_path else None
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tomelab-batch")
+    loops = {"loop_rule": loop_rule} if loop_rule else {}
+    before = dict(getattr(backend, "loop_stats", {}))
     try:
         with tqdm(total=sum(map(len, batches)), desc=f"{desc} ({engine.engine_name} {workers}x{batch_size})",
                   unit="item") as bar:
@@ -217,7 +233,7 @@ def generate_greedy_batched(
             while True:  # `workers` batches in flight; the next starts when one finishes (none after an error)
                 for b in itertools.islice(pending, workers - len(running)):
                     running[pool.submit(backend.generate_batch, [ids[p] for p in b], max_new_tokens=max_new_tokens,
-                                        stop_ids=set(engine.stop_ids))] = b
+                                        stop_ids=set(engine.stop_ids), **loops)] = b
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -225,6 +241,8 @@ def generate_greedy_batched(
                     batch = running.pop(fut)
                     for pid, out in zip(batch, fut.result()):
                         done[pid] = tok.decode(out, skip_special_tokens=True).strip()
+                        if answer_ids is not None:
+                            answer_ids[pid] = out
                         if sink:
                             sink.write(json.dumps({"id": pid, "output": done[pid]}, ensure_ascii=False) + "\n")
                     if sink:
@@ -234,6 +252,11 @@ def generate_greedy_batched(
         pool.shutdown(wait=True)  # on an error or Ctrl-C the batches in flight finish; no new one starts
         if sink:
             sink.close()
+    if loop_rule:
+        stats = {k: v - before.get(k, 0) for k, v in backend.loop_stats.items()}
+        log.info("%s: %d answers caught in a token loop (%d repeats, >= %d tokens) and written out: %d tokens not "
+                 "decoded", desc, stats["answers"], loop_rule.min_repeats, loop_rule.min_tokens,
+                 stats["extrapolated_tokens"])
     return done
 
 

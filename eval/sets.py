@@ -189,7 +189,14 @@ def score_gsm8k(item: EvalItem, output: str) -> dict[str, Any]:
 
 
 def score_ifeval(item: EvalItem, output: str) -> dict[str, Any]:
-    """Strict/loose checks by the `if-verifiable` checkers; an empty output fails every instruction."""
+    """Strict/loose checks by the `if-verifiable` checkers; an empty output fails every instruction.
+
+    IFEval's checkers draw a random value for an argument they cannot use (prompts 1122 and 1129 ask for the
+    frequency of "#" and "!", and the letter checker then counts a random letter instead), so the same answer
+    could pass one run and fail the next, which is noise in a paired comparison. The draw is seeded by the
+    item's id: one fixed letter per item, the global `random` state left as it was."""
+    import random
+
     from if_verifiable.api import evaluate_output_for_sample
     from if_verifiable.types import IFEvalSample
 
@@ -197,7 +204,12 @@ def score_ifeval(item: EvalItem, output: str) -> dict[str, Any]:
     ids = item.extra["instruction_id_list"]
     sample = IFEvalSample(key=int(item.id), prompt=item.messages[-1]["content"], instruction_id_list=ids,
                           kwargs=item.extra["kwargs"])
-    results, scores = evaluate_output_for_sample("ifeval", sample, output)
+    state = random.getstate()
+    try:
+        random.seed(f"ifeval:{item.id}")
+        results, scores = evaluate_output_for_sample("ifeval", sample, output)
+    finally:
+        random.setstate(state)
     strict = [bool(r.strict_pass) for r in results] or [False] * len(ids)
     loose = [bool(r.loose_pass) for r in results] or [False] * len(ids)
     return {

@@ -100,6 +100,13 @@ def test_ctranslate2_is_a_config_choice_with_its_own_cache_key():
         from_dict(EvalConfig, {"engine": "ctranslate2", "ct2_compute_type": "int4"}, file="t.toml")
     with pytest.raises(TomelabError, match="--assist needs"):
         assist_generation("smollm2-135m-instruct", cfg)
+    loops = from_dict(EvalConfig, {"engine": "ctranslate2", "loop_repeats": 4, "loop_min_tokens": 64}, file="t.toml")
+    assert _engine_tag(loops) == {**tag, "loops": [4, 64]} and loops.loop_rule().min_repeats == 4
+    assert cfg.loop_rule() is None
+    with pytest.raises(ConfigError, match="loop_repeats needs engine"):
+        from_dict(EvalConfig, {"loop_repeats": 4}, file="t.toml")
+    with pytest.raises(ConfigError, match="loop_repeats must be 0"):
+        from_dict(EvalConfig, {"engine": "ctranslate2", "loop_repeats": 1}, file="t.toml")
 
 
 @pytest.mark.e2e
@@ -124,6 +131,18 @@ def test_real_ctranslate2_batched_evaluation(tmp_home: Path, shared_data: Path, 
     partial.write_text("".join(json.dumps({"id": pid, "output": full[pid]}) + "\n" for pid, _ in first))
     assert generate_greedy_batched(ct2, prompts, max_new_tokens=20, batch_size=2, partial_path=partial) == full
 
+    # loop extrapolation: an answer caught in a cycle (a lax rule) leaves its batch early, and the written-out
+    # answer is the one full decoding writes
+    from tomelab.engines.loops import LoopRule
+
+    ids_full: dict = {}
+    decoded = generate_greedy_batched(ct2, prompts, max_new_tokens=48, batch_size=2, answer_ids=ids_full)
+    ids_loops: dict = {}
+    looped = generate_greedy_batched(ct2, prompts, max_new_tokens=48, batch_size=2, answer_ids=ids_loops,
+                                     loop_rule=LoopRule(min_repeats=2, min_tokens=8))
+    assert ct2.backend.loop_stats["answers"] >= 1 and ct2.backend.loop_stats["extrapolated_tokens"] >= 1
+    assert ids_loops == ids_full and looped == decoded
+
     cfg = EvalConfig(batch_size=2, threads=1, engine="ctranslate2", engine_workers=2,
                      heldout=HeldoutEvalConfig(enabled=False), gsm8k=GenSetConfig(enabled=False),
                      ifeval=GenSetConfig(limit=4, max_new_tokens=20))
@@ -131,3 +150,23 @@ def test_real_ctranslate2_batched_evaluation(tmp_home: Path, shared_data: Path, 
     out = [json.loads(x) for x in (ev.evals_dir() / "base" / "smollm2-135m-instruct" / "ifeval.jsonl").read_text().splitlines()]
     assert {r["id"]: r["output"] for r in out} == full  # the eval's path is this batched path
     assert res["sets"]["ifeval"]["n_items"] == 4
+
+
+@pytest.mark.e2e
+def test_real_llamacpp_servers_through_evaluate_with_and_without_a_loop_rule(tmp_home: Path, shared_data: Path,
+                                                                             smollm2_dir: Path):
+    """`engine = "llama.cpp"` with two servers (a list of engines) through `evaluate`, then the same prompts with
+    a lax loop rule: its own cache entry, and every answer it did not stop is the decoded one."""
+    from eval import evaluate as ev
+
+    base = dict(batch_size=2, threads=1, engine="llama.cpp", gguf_type="f16", engine_workers=2, slots=2,
+                heldout=HeldoutEvalConfig(enabled=False), gsm8k=GenSetConfig(enabled=False),
+                ifeval=GenSetConfig(limit=3, max_new_tokens=48))
+    path = ev.evals_dir() / "base" / "smollm2-135m-instruct" / "ifeval.jsonl"
+    full = ev.evaluate("smollm2-135m-instruct", EvalConfig(**base))
+    decoded = {r["id"]: r["output"] for r in map(json.loads, path.read_text().splitlines())}
+    assert full["sets"]["ifeval"]["n_items"] == 3 and all(decoded.values())
+    looped = ev.evaluate("smollm2-135m-instruct", EvalConfig(**base, loop_repeats=2, loop_min_tokens=8))
+    assert looped["sets"]["ifeval"]["config_hash"] != full["sets"]["ifeval"]["config_hash"]
+    out = {r["id"]: r["output"] for r in map(json.loads, path.read_text().splitlines())}
+    assert out.keys() == decoded.keys() and sum(out[i] == decoded[i] for i in out) >= 2

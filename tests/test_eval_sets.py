@@ -89,6 +89,21 @@ def test_ifeval_checkers_strict_and_loose(tmp_home: Path, shared_data: Path):
     assert emph["prompt_strict"] == 0.0 and emph["prompt_loose"] == 1.0
 
 
+def test_a_checker_that_draws_a_random_value_scores_the_same_answer_the_same_way(tmp_home: Path, shared_data: Path):
+    """Prompt 1122 asks for 4+ "#": IFEval's letter checker then counts a random letter. An answer of only "a"s
+    passes when that letter is "a"; the verdict must not depend on the global random state, which stays put."""
+    import random
+
+    item = next(it for it in load_ifeval().items if it.id == "1122")
+    verdicts = set()
+    for seed in range(30):
+        random.seed(seed)
+        expected_next = random.Random(seed).random()
+        verdicts.add(score_ifeval(item, "a" * 40)["inst_strict"])
+        assert random.random() == expected_next  # the caller's random state is left as it was
+    assert len(verdicts) == 1
+
+
 def test_sentence_count_checks_run_offline_with_our_punkt(tmp_home: Path, shared_data: Path):
     """The checks that need NLTK punkt_tab (not downloadable here) work with the locally built model."""
     item = EvalItem("9", [{"role": "user", "content": "Answer in fewer than 3 sentences."}], "",

@@ -101,6 +101,32 @@ def test_max_new_tokens_is_a_hard_limit(engine: ChatEngine) -> None:
     assert backend.closed
 
 
+def test_loop_rule_writes_the_cycle_out_instead_of_decoding_it(engine: ChatEngine) -> None:
+    """An answer caught in a token cycle stops pulling tokens from the backend; its text is what decoding the
+    cycle to max_new_tokens gives. One that leaves its cycle before the rule holds is decoded as usual."""
+    from tomelab.engines.loops import LoopRule
+
+    tok = engine.tokenizer
+    cycle = tok(" the cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    ids = tok("Once:", add_special_tokens=False)["input_ids"] + cycle * 40
+    msgs = [{"role": "user", "content": "hi"}]
+    full = ChatEngine(ScriptedBackend(ids), tok, label="s", stop_ids=engine.stop_ids).generate(
+        msgs, GenerationSettings(temperature=0.0, max_new_tokens=120))
+    backend = ScriptedBackend(ids)
+    scripted = ChatEngine(backend, tok, label="s", stop_ids=engine.stop_ids)
+    rule = LoopRule(min_repeats=3, min_tokens=8)
+    events = list(scripted.stream_messages(msgs, GenerationSettings(temperature=0.0, max_new_tokens=120, loop_rule=rule)))
+    last = events[-1]
+    assert last.finish_reason == "loop" and last.n_tokens == 120 and last.text == full.text
+    assert "".join(e.delta for e in events) == full.text
+    assert backend.yielded < 40 and backend.closed  # 3 cycles (+ the prompt-side prefix) were decoded, not 120 tokens
+    plain = ChatEngine(ScriptedBackend(ids[:20] + tok(" no loop here at all", add_special_tokens=False)["input_ids"]),
+                       tok, label="s", stop_ids=engine.stop_ids)
+    assert plain.generate(msgs, GenerationSettings(temperature=0.0, max_new_tokens=120, loop_rule=rule)).finish_reason == "length"
+    with pytest.raises(TomelabError, match="greedy"):
+        GenerationSettings(temperature=0.7, loop_rule=rule)
+
+
 def test_real_model_stops_on_end_of_turn(engine: ChatEngine) -> None:
     # greedy SmolLM2 answers "The answer is 4." (6 tokens) and then emits <|im_end|>
     last = engine.generate(render_messages([], "What is 2 + 2? Answer with one number.", ""),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tomelab.engines.chat import GenerationSettings, default_threads
+from tomelab.engines.loops import LoopRule, LoopWatch
 
 
 def ctranslate2_available() -> bool:
@@ -47,6 +48,8 @@ class CTranslate2Backend:
                                                intra_threads=self.threads, inter_threads=self.workers)
         self.dtype = compute_type
         self._lock = threading.Lock()
+        self.loop_stats = {"answers": 0, "extrapolated_tokens": 0}  # loop extrapolation, see generate_batch
+        self._stats_lock = threading.Lock()
 
     def iter_tokens(
         self, prompt_ids: list[int], settings: GenerationSettings, stop_ids: set[int], cancel: threading.Event
@@ -73,11 +76,26 @@ class CTranslate2Backend:
                 with contextlib.suppress(Exception):
                     gen.close()
 
-    def generate_batch(self, prompts_ids: list[list[int]], *, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    def generate_batch(self, prompts_ids: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
+                       loop_rule: LoopRule | None = None) -> list[list[int]]:
         """Greedy answer ids of prompts decoded as one batch (finished answers leave the batch at their end
-        token). Thread-safe: concurrent calls run on CTranslate2's `workers`, the rest queue."""
+        token). Thread-safe: concurrent calls run on CTranslate2's `workers`, the rest queue.
+
+        With a `loop_rule`, an answer caught in a token cycle leaves the batch too, and its cycle is written out
+        to `max_new_tokens` (`tomelab.engines.loops`); `self.loop_stats` counts the answers and tokens."""
         tokens = [self.tokenizer.convert_ids_to_tokens(p) for p in prompts_ids]
+        watches = [LoopWatch(loop_rule, max_new_tokens) for _ in prompts_ids] if loop_rule else []
+        extra: dict[str, Any] = {}
+        if watches:  # called on CTranslate2's worker thread for every decoded token; True stops that answer
+            extra["callback"] = lambda step: watches[step.batch_id].push(int(step.token_id)) and not step.is_last
         results = self.generator.generate_batch(
             tokens, max_length=max_new_tokens, sampling_topk=1, end_token=sorted(stop_ids),
-            include_prompt_in_result=False, max_batch_size=len(tokens))
-        return [list(r.sequences_ids[0]) for r in results]
+            include_prompt_in_result=False, max_batch_size=len(tokens), **extra)
+        outs = [list(r.sequences_ids[0]) for r in results]
+        for i, w in enumerate(watches):
+            if w.period is not None:
+                outs[i] = w.complete(max_new_tokens)
+                with self._stats_lock:
+                    self.loop_stats["answers"] += 1
+                    self.loop_stats["extrapolated_tokens"] += max_new_tokens - w.loop_from
+        return outs

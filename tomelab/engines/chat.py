@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tomelab.engines.loops import LoopRule, LoopWatch
 from tomelab.errors import TomelabError
 
 # End-of-turn markers of the chat formats tomelab uses (ChatML for SmolLM2, Gemma turns).
@@ -47,8 +48,13 @@ class GenerationSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     stop: tuple[str, ...] = ()  # extra stop strings, cut from the output
     seed: int | None = None
+    # greedy only: stop decoding an answer caught in a token cycle and write the cycle out to max_new_tokens
+    # (tomelab/engines/loops.py; evaluation's `loop_repeats`)
+    loop_rule: LoopRule | None = None
 
     def __post_init__(self) -> None:
+        if self.loop_rule is not None and self.temperature != 0.0:
+            raise TomelabError("a loop rule extrapolates greedy decoding only: set temperature = 0 or drop the rule")
         if not 0.0 <= self.temperature <= 2.0:
             raise TomelabError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -67,7 +73,7 @@ class StreamEvent:
     first_token_s: float | None  # seconds from request to the first generated token
     elapsed_s: float
     done: bool = False
-    finish_reason: str | None = None  # "stop" (end of turn / stop string) or "length"
+    finish_reason: str | None = None  # "stop" (end of turn / stop string), "length", or "loop" (settings.loop_rule)
     note: str | None = None  # set when the conversation was cut to fit the context
 
     @property
@@ -310,6 +316,7 @@ class ChatEngine:
         first: float | None = None
         n = 0
         finish = "length"
+        watch = LoopWatch(settings.loop_rule, settings.max_new_tokens) if settings.loop_rule else None
         tokens = self.backend.iter_tokens(fitted.ids, settings, self.stop_ids, cancel)
         try:
             for tid in tokens:
@@ -329,6 +336,15 @@ class ChatEngine:
                     if delta:
                         yield StreamEvent(delta, dec.text, n, first, time.perf_counter() - t0, note=fitted.note)
                     break
+                if watch is not None and watch.push(tid) and n < settings.max_new_tokens:
+                    before = len(dec.text) - len(delta)
+                    for t in watch.complete(settings.max_new_tokens)[n:]:  # the cycle written out, not decoded
+                        dec.push(t)
+                    n, finish = settings.max_new_tokens, "loop"
+                    cut = _find_stop(dec.text, settings.stop)
+                    if cut is not None:
+                        dec.text, finish = dec.text[: max(cut, before)], "stop"
+                    delta = dec.text[before:]
                 if delta:
                     yield StreamEvent(delta, dec.text, n, first, time.perf_counter() - t0, note=fitted.note)
                 if n >= settings.max_new_tokens:
