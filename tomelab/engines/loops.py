@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class LoopRule:
@@ -39,6 +37,9 @@ class LoopWatch:
     k such tokens means the last k + p tokens are periodic with period p. O(max_period) work per token."""
 
     def __init__(self, rule: LoopRule, capacity: int = 512):
+        import numpy as np  # here, not at import: `tomelab --help` loads this module through the eval config
+
+        self._np = np
         self.rule = rule
         self._tokens = np.zeros(max(16, capacity), dtype=np.int64)
         self.n = 0
@@ -56,7 +57,7 @@ class LoopWatch:
             return True
         n = self.n
         if n == len(self._tokens):
-            self._tokens = np.concatenate([self._tokens, np.zeros_like(self._tokens)])
+            self._tokens = self._np.concatenate([self._tokens, self._np.zeros_like(self._tokens)])
         self._tokens[n] = token
         self.n = n + 1
         top = min(self.rule.max_period, n)
@@ -65,12 +66,12 @@ class LoopWatch:
         # hits[p-1]: token == the token p before it, for p = 1..top
         hits = self._tokens[n - top : n][::-1] == token
         runs = self._runs[1 : top + 1]
-        np.multiply(runs + 1, hits, out=runs)
+        self._np.multiply(runs + 1, hits, out=runs)
         p = self._periods[1 : top + 1]
         span = runs + p  # the periodic tail's length
         ok = (span >= self.rule.min_repeats * p) & (span >= self.rule.min_tokens)
         if ok.any():
-            self.period = int(np.argmax(ok)) + 1  # the shortest period: the cycle itself, not a multiple of it
+            self.period = int(self._np.argmax(ok)) + 1  # the shortest period: the cycle itself, not a multiple of it
             self.loop_from = self.n
             return True
         return False
