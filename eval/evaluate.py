@@ -273,15 +273,14 @@ def _engine_tag(cfg: EvalConfig) -> dict[str, Any]:
     these options existed stay valid). CTranslate2: the compute type, version and batch composition."""
     if cfg.engine == "transformers":
         return {}
+    loops = {"loops": [cfg.loop_repeats, cfg.loop_min_tokens]} if cfg.loop_repeats else {}
     if cfg.engine == "ctranslate2":
         import ctranslate2
 
         return {"engine": f"ctranslate2-{cfg.ct2_compute_type}", "runtime": f"ctranslate2-{ctranslate2.__version__}",
-                "batch": cfg.batch_size, "threads": cfg.threads or 1,
-                **({"loops": [cfg.loop_repeats, cfg.loop_min_tokens]} if cfg.loop_repeats else {})}
+                "batch": cfg.batch_size, "threads": cfg.threads or 1, **loops}
     return {"engine": f"{cfg.engine}-{cfg.gguf_type}", "runtime": _llama_runtime(), "slots": cfg.slots,
-            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {}),
-            **({"loops": [cfg.loop_repeats, cfg.loop_min_tokens]} if cfg.loop_repeats else {})}
+            **({"workers": cfg.engine_workers} if cfg.engine_workers != 1 else {}), **loops}
 
 
 def _llama_runtime() -> str:

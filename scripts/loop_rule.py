@@ -1,24 +1,25 @@
-"""Choose and check the loop-extrapolation rule of the CTranslate2 eval engine (`loop_repeats`,
-`loop_min_tokens`; tomelab/engines/loops.py).
+"""Choose and check the loop-extrapolation rule of the eval engines (`loop_repeats`, `loop_min_tokens`;
+tomelab/engines/loops.py).
 
     # 1. decode the config's IFEval prompts fully (no rule), keep every answer's token ids, choose a rule:
     .venv/bin/python scripts/loop_rule.py choose --config configs/eval/ifeval-full-ct2.toml
     # 2. evaluate with the chosen rule, then compare its answers with step 1's full decoding:
-    .venv/bin/tomelab eval smollm2-135m-instruct --config configs/eval/ifeval-full-ct2.toml
+    .venv/bin/tomelab eval smollm2-135m-instruct --config configs/eval/ifeval-full-ct2-loops.toml
     .venv/bin/python scripts/loop_rule.py check artifacts/evals/base/smollm2-135m-instruct/ifeval.jsonl
     # another engine (llama.cpp): its own eval with the rule off is the reference
     .venv/bin/python scripts/loop_rule.py check LOOPS/ifeval.jsonl --reference FULL/ifeval.jsonl
 
 choose: step 1 runs the config's engine, batches and prompts exactly as `tomelab eval` does, with the rule off,
-and caches the answers' ids (`artifacts/bench/loop_rule-<model>.json`). The prompts are split in halves by a
+and caches the answers' ids (`artifacts/bench/loop_rule-<run key>.json`). The prompts are split in halves by a
 hash of their id. On the validation half every rule of a grid (repeats x min tokens) is replayed over the
 decoded answers. A stopped answer is *changed* when its written-out cycle differs from what full decoding
 wrote (the model later broke out of the loop: greedy int8 loops drift), and a changed answer may get another
 IFEval verdict. The chosen rule saves the most decoded tokens with no IFEval verdict changed on validation; the
 test half then reports its changed answers and verdicts, with an exact one-sided 95% upper bound on the rate of
 prompts whose verdict changes, and its savings.
-check: an eval's answers against step 1's full decoding: identical answers, and the paired difference of
-IFEval prompt- and instruction-strict accuracy (95% bootstrap CI over prompts) with its MDE.
+check: an eval's answers against step 1's full decoding (or `--reference`): identical answers, and the paired
+difference of IFEval prompt- and instruction-level accuracy, strict and loose (95% bootstrap CI over prompts),
+with its MDE.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ MIN_TOKENS = (8, 16, 32, 48, 64, 96, 128)
 
 
 def _ids_path(model: str) -> Path:
+    from eval.evaluate import run_key
     from tomelab.paths import home
 
-    return home() / "bench" / f"loop_rule-{Path(model).name}.json"
+    return home() / "bench" / f"loop_rule-{run_key(model).replace('/', '__')}.json"
 
 
 def _half(pid: str) -> str:
@@ -64,8 +66,7 @@ def _decode_fully(model: str, cfg, limit: int | None) -> dict:
     t0 = time.perf_counter()
     texts = generate_greedy_batched(engine, [(it.id, it.messages) for it in items], max_new_tokens=cfg.ifeval.max_new_tokens,
                                     batch_size=cfg.batch_size, desc="full decoding", answer_ids=ids)
-    out = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "ids": ids, "texts": texts,
-           "stop_ids": sorted(engine.stop_ids)}
+    out = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "ids": ids, "texts": texts}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out), encoding="utf-8")
     return out
@@ -172,7 +173,8 @@ def check(args: argparse.Namespace) -> int:
         rows = {}
         for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
             try:
-                rows[json.loads(line)["id"]] = json.loads(line)["output"]
+                rec = json.loads(line)
+                rows[rec["id"]] = rec["output"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 print(f"{path}: row {n} is not an eval record with 'id' and 'output'; pass an ifeval.jsonl written by "
                       "`tomelab eval`", file=sys.stderr)

@@ -339,7 +339,7 @@ class ChatEngine:
                 if watch is not None and watch.push(tid) and n < settings.max_new_tokens:
                     before = len(dec.text) - len(delta)
                     for t in watch.complete(settings.max_new_tokens)[n:]:  # the cycle written out, not decoded
-                        dec.push(t)
+                        dec.push(t)  # one at a time: a multi-byte character split across tokens is cut as in decoding
                     n, finish = settings.max_new_tokens, "loop"
                     cut = _find_stop(dec.text, settings.stop)
                     if cut is not None:
