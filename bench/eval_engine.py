@@ -19,10 +19,10 @@ other processes hits them alike. Printed, all measured in this run:
   engine "does not change conclusions" when the CI contains 0;
 * the projected time of a full IFEval (540 prompts, 512 new tokens) from each side's measured tok/s.
 
-`--loops R M` adds, for each `--ct2` type, a side with loop extrapolation (`loop_repeats = R`,
+`--loops R M` adds, for each `--ct2` and `--gguf-type` type, a side with loop extrapolation (`loop_repeats = R`,
 `loop_min_tokens = M`): its answers caught in a token cycle are written out, not decoded, so its tokens
 per second count tokens it never decoded; its speed-up is the wall-time ratio, and its greedy match
-against the same type without the rule says whether the written-out answers are the decoded ones.
+against the same engine without the rule says whether the written-out answers are the decoded ones.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ def _prefix(a: str, b: str) -> float:
     return n / max(1, len(a), len(b))
 
 
+def _loops_tag(rule) -> str:
+    return f" +loops {rule.min_repeats}x{rule.min_tokens}" if rule else ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="base name, run dir or merged export")
@@ -64,7 +68,7 @@ def main() -> int:
     ap.add_argument("--ct2", nargs="*", default=[], help="CTranslate2 compute types to add (int8, int16, float32, ...)")
     ap.add_argument("--ct2-batch", type=int, default=16, help="CTranslate2 prompts per batch (`--workers` batches at once)")
     ap.add_argument("--loops", type=int, nargs=2, metavar=("REPEATS", "MIN_TOKENS"), default=None,
-                    help="also run each --ct2 type with loop extrapolation (eval's loop_repeats, loop_min_tokens)")
+                    help="also run each --ct2 and --gguf-type type with loop extrapolation (eval's loop_repeats, loop_min_tokens)")
     ap.add_argument("--chunk", type=int, default=0, help="prompts per turn of the interleaving (0: the largest batch of any side)")
     ap.add_argument("--json", default="artifacts/bench/eval_engine.json")
     args = ap.parse_args()
@@ -73,8 +77,7 @@ def main() -> int:
     import torch
 
     from eval.generate import generate_greedy, generate_greedy_batched, generate_greedy_engine
-    from eval.sets import load_ifeval, score_ifeval, stable_subset
-    from eval.stats import paired_bootstrap_diff
+    from eval.sets import ifeval_paired, load_ifeval, score_ifeval, stable_subset
     from tomelab.engines.choice import load_engine, load_for_inference
     from tomelab.engines.loops import LoopRule
 
@@ -87,14 +90,16 @@ def main() -> int:
     for gt in args.gguf_type:  # the eval's own engine set-up: `workers` single-thread servers x `slots`
         engines = [load_engine(args.model, engine="llama.cpp", gguf_type=gt, threads=1, context_length=4096,
                                slots=args.slots, guard=False) for _ in range(args.workers)]
-        runs[f"llama.cpp {gt} {args.workers}x{args.slots} slots"] = (lambda e: lambda ps: generate_greedy_engine(
-            e, ps, max_new_tokens=args.max_new_tokens, desc="llama.cpp"))(engines)
+        for rule in [None] + ([LoopRule(*args.loops)] if args.loops else []):
+            runs[f"llama.cpp {gt} {args.workers}x{args.slots} slots" + _loops_tag(rule)] = (
+                lambda e, r: lambda ps: generate_greedy_engine(e, ps, max_new_tokens=args.max_new_tokens,
+                                                               desc="llama.cpp", loop_rule=r))(engines, rule)
     for ct in args.ct2:  # the eval's `engine = "ctranslate2"`: `workers` batches of `ct2_batch` at once
         ct2 = load_engine(args.model, engine="ctranslate2", ct2_quantization=ct, threads=1, context_length=4096,
                           replicas=args.workers)
         name = f"ctranslate2 {ct} {args.workers}x{args.ct2_batch} batch"
         for rule in [None] + ([LoopRule(*args.loops)] if args.loops else []):
-            runs[name + (f" +loops {args.loops[0]}x{args.loops[1]}" if rule else "")] = (
+            runs[name + _loops_tag(rule)] = (
                 lambda e, r: lambda ps: generate_greedy_batched(e, ps, max_new_tokens=args.max_new_tokens,
                                                                 batch_size=args.ct2_batch, desc="generate", loop_rule=r))(ct2, rule)
     # sides take turns chunk by chunk, so load from other processes on the shared CPU hits them alike
@@ -121,12 +126,9 @@ def main() -> int:
             continue
         same = sum(ref["outputs"][i] == fast["outputs"][i] for i, _ in prompts)
         prefix = float(np.mean([_prefix(ref["outputs"][i], fast["outputs"][i]) for i, _ in prompts]))
-        diffs = {}
-        for metric, weights in (("prompt_strict", None), ("inst_strict", [s["n_inst"] for s in ref["scores"]])):
-            a = [100 * float(s[metric]) for s in fast["scores"]]
-            b = [100 * float(s[metric]) for s in ref["scores"]]
-            ci = paired_bootstrap_diff(a, b, weights, min_seeds_a=1, min_seeds_b=1, names=("fast", "transformers"))
-            diffs[metric] = {**ci.to_dict(), "mde": 2.8 * (ci.hi - ci.lo) / 3.92, "agree": ci.lo <= 0 <= ci.hi}
+        diffs = {metric: {**m.diff.to_dict(), "mde": m.diff.mde, "agree": not m.diff.excludes_zero()}
+                 for metric, m in ifeval_paired(fast["scores"], ref["scores"], ("prompt_strict", "inst_strict"),
+                                                names=("fast", "transformers")).items()}
         compare[name] = {"identical": same, "mean_prefix": prefix, "diffs": diffs}
 
     print(f"\n{args.model}: {len(items)} IFEval prompts, greedy, max {args.max_new_tokens} new tokens, {chunk} prompts per "

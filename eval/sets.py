@@ -194,9 +194,14 @@ def score_ifeval(item: EvalItem, output: str) -> dict[str, Any]:
     IFEval's checkers draw a random value for an argument they cannot use (prompts 1122 and 1129 ask for the
     frequency of "#" and "!", and the letter checker then counts a random letter instead), so the same answer
     could pass one run and fail the next, which is noise in a paired comparison. The draw is seeded by the
-    item's id: one fixed letter per item, the global `random` state left as it was."""
+    item's id: one fixed letter per item, the global `random` state left as it was. `language:response_language`
+    calls langdetect, which samples with a fresh random seed on every call unless `DetectorFactory.seed` is set,
+    so a short or mixed-language answer flipped between runs (prompts 2299 and 3195 of the base model's full
+    decoding); it is fixed at 0 while scoring, as langdetect's documentation advises."""
     import random
 
+    state = random.getstate()  # before the imports: importing if_verifiable draws from `random` too
+    import langdetect
     from if_verifiable.api import evaluate_output_for_sample
     from if_verifiable.types import IFEvalSample
 
@@ -204,12 +209,14 @@ def score_ifeval(item: EvalItem, output: str) -> dict[str, Any]:
     ids = item.extra["instruction_id_list"]
     sample = IFEvalSample(key=int(item.id), prompt=item.messages[-1]["content"], instruction_id_list=ids,
                           kwargs=item.extra["kwargs"])
-    state = random.getstate()
+    lang_seed = langdetect.DetectorFactory.seed
     try:
         random.seed(f"ifeval:{item.id}")
+        langdetect.DetectorFactory.seed = 0
         results, scores = evaluate_output_for_sample("ifeval", sample, output)
     finally:
         random.setstate(state)
+        langdetect.DetectorFactory.seed = lang_seed
     strict = [bool(r.strict_pass) for r in results] or [False] * len(ids)
     loose = [bool(r.loose_pass) for r in results] or [False] * len(ids)
     return {
@@ -220,6 +227,37 @@ def score_ifeval(item: EvalItem, output: str) -> dict[str, Any]:
         "n_inst": len(strict),
         "instructions": [{"id": r.instruction_id, "strict": r.strict_pass, "loose": r.loose_pass} for r in results],
     }
+
+
+IFEVAL_METRICS = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
+
+
+@dataclass(frozen=True)
+class PairedMetric:
+    """One IFEval metric of two answer sets to the same prompts, in points, and the paired CI of a - b."""
+
+    mean_a: float
+    mean_b: float
+    diff: Any  # eval.stats.Interval
+
+
+def ifeval_paired(scores_a: list[dict], scores_b: list[dict], metrics: tuple[str, ...] = IFEVAL_METRICS,
+                  names: tuple[str, str] = ("a", "b")) -> dict[str, PairedMetric]:
+    """`score_ifeval` results of two answer sets, prompt by prompt, compared per metric: both means and the 95%
+    bootstrap CI of a - b with items paired. Instruction-level metrics weight a prompt by its instruction count,
+    as IFEval's own averages do; every engine and guard comparison goes through this one function."""
+    from eval.stats import paired_bootstrap_diff
+
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"ifeval_paired: {len(scores_a)} vs {len(scores_b)} scored answers; pass the same prompts")
+    out = {}
+    for metric in metrics:
+        w = [float(s["n_inst"]) for s in scores_b] if metric.startswith("inst") else [1.0] * len(scores_b)
+        xa, xb = ([100.0 * float(s[metric]) for s in scores] for scores in (scores_a, scores_b))
+        ci = paired_bootstrap_diff(xa, xb, w, min_seeds_a=1, min_seeds_b=1, names=names)
+        mean_a, mean_b = (sum(wi * v for wi, v in zip(w, x)) / sum(w) for x in (xa, xb))
+        out[metric] = PairedMetric(mean_a, mean_b, ci)
+    return out
 
 
 # --- NLTK punkt_tab, built offline ----------------------------------------------------------

@@ -31,6 +31,12 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    @property
+    def mde(self) -> float:
+        """Minimum detectable effect at 80% power and 5% two-sided: (1.96 + 0.84) x SE, with the SE read off the
+        interval's width (hi - lo = 2 x 1.96 SE)."""
+        return 2.8 * (self.hi - self.lo) / 3.92
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -26,8 +26,7 @@ def main() -> int:
     ap.add_argument("model_b", help="bench/eval_engine.py JSON of the second model (e.g. a fine-tune)")
     args = ap.parse_args()
 
-    from eval.sets import load_ifeval, score_ifeval
-    from eval.stats import paired_bootstrap_diff
+    from eval.sets import ifeval_paired, load_ifeval, score_ifeval
 
     a, b = (json.loads(Path(p).read_text(encoding="utf-8")) for p in (args.model_a, args.model_b))
     items = {it.id: it for it in load_ifeval().items}
@@ -38,18 +37,14 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     ref: dict[str, float] = {}
     for engine in shared:
-        sa = [score_ifeval(items[i], a["results"][engine]["outputs"][i]) for i in ids]
-        sb = [score_ifeval(items[i], b["results"][engine]["outputs"][i]) for i in ids]
-        for metric in ("prompt_strict", "inst_strict"):
-            weights = [s["n_inst"] for s in sa] if metric == "inst_strict" else None
-            xa, xb = [100 * float(s[metric]) for s in sa], [100 * float(s[metric]) for s in sb]
-            ci = paired_bootstrap_diff(xb, xa, weights, min_seeds_a=1, min_seeds_b=1, names=("B", "A"))
-            w = weights or [1] * len(ids)
-            ma, mb = (sum(wi * v for wi, v in zip(w, x)) / sum(w) for x in (xa, xb))
+        sa, sb = ([score_ifeval(items[i], run["results"][engine]["outputs"][i]) for i in ids] for run in (a, b))
+        for metric, m in ifeval_paired(sb, sa, ("prompt_strict", "inst_strict"), names=("B", "A")).items():
+            ci = m.diff
             gap = "reference" if engine.startswith("transformers") else f"{ci.estimate - ref[metric]:+.1f}"
             if engine.startswith("transformers"):
                 ref[metric] = ci.estimate
-            print(f"| {engine} | {metric} | {ma:.1f} | {mb:.1f} | {ci.estimate:+.1f} [{ci.lo:+.1f}, {ci.hi:+.1f}] | {gap} |")
+            print(f"| {engine} | {metric} | {m.mean_b:.1f} | {m.mean_a:.1f} | {ci.estimate:+.1f} [{ci.lo:+.1f}, "
+                  f"{ci.hi:+.1f}] | {gap} |")
     return 0
 
 

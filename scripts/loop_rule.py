@@ -166,8 +166,7 @@ def choose(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from eval.sets import load_ifeval, score_ifeval
-    from eval.stats import paired_bootstrap_diff
+    from eval.sets import ifeval_paired, load_ifeval, score_ifeval
 
     def outputs(path: str) -> dict[str, str]:
         rows = {}
@@ -199,13 +198,10 @@ def check(args: argparse.Namespace) -> int:
     print(f"{args.eval_jsonl} vs full decoding: {same}/{len(ids)} identical answers")
     sa = [score_ifeval(items[i], fast[i]) for i in ids]
     sb = [score_ifeval(items[i], full[i]) for i in ids]
-    for metric in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"):
-        w = [s["n_inst"] for s in sb] if metric.startswith("inst") else [1] * len(sb)
-        xa, xb = [100 * float(s[metric]) for s in sa], [100 * float(s[metric]) for s in sb]
-        ci = paired_bootstrap_diff(xa, xb, w, min_seeds_a=1, min_seeds_b=1, names=("loops", "full"))
-        ma, mb = (sum(wi * v for wi, v in zip(w, x)) / sum(w) for x in (xa, xb))
-        print(f"  {metric}: full {mb:.2f}, loops {ma:.2f}; loops - full {ci.estimate:+.2f} points, 95% CI "
-              f"[{ci.lo:+.2f}, {ci.hi:+.2f}], MDE {2.8 * (ci.hi - ci.lo) / 3.92:.2f}")
+    for metric, m in ifeval_paired(sa, sb, names=("loops", "full")).items():
+        ci = m.diff
+        print(f"  {metric}: full {m.mean_b:.2f}, loops {m.mean_a:.2f}; loops - full {ci.estimate:+.2f} points, 95% CI "
+              f"[{ci.lo:+.2f}, {ci.hi:+.2f}], MDE {ci.mde:.2f}")
     return 0
 
 

@@ -15,6 +15,7 @@ from eval.sets import (
     EvalItem,
     gsm8k_gold,
     gsm8k_pred,
+    ifeval_paired,
     load_gsm8k,
     load_ifeval,
     score_gsm8k,
@@ -102,6 +103,20 @@ def test_a_checker_that_draws_a_random_value_scores_the_same_answer_the_same_way
         verdicts.add(score_ifeval(item, "a" * 40)["inst_strict"])
         assert random.random() == expected_next  # the caller's random state is left as it was
     assert len(verdicts) == 1
+
+
+def test_the_language_checker_gives_one_verdict_per_answer(tmp_home: Path, shared_data: Path):
+    """langdetect samples with a fresh seed per call unless seeded: this mixed answer to prompt 3195 ("respond
+    in Italian") was judged Italian about 1 time in 10 before scoring fixed the seed; 100 scorings then differ
+    with probability 1 - 0.9^100 - 0.1^100 > 0.9999. The seed setting of the caller is left as it was."""
+    import langdetect
+
+    item = next(it for it in load_ifeval().items if it.id == "3195")
+    answer = "L'avventura\ufffd la nova, no other language is allowed."
+    before = langdetect.DetectorFactory.seed
+    verdicts = {score_ifeval(item, answer)["instructions"][2]["strict"] for _ in range(100)}
+    assert len(verdicts) == 1
+    assert langdetect.DetectorFactory.seed == before
 
 
 def test_sentence_count_checks_run_offline_with_our_punkt(tmp_home: Path, shared_data: Path):
@@ -300,3 +315,27 @@ def test_several_engines_share_one_queue_each_with_its_slots(tmp_path: Path):
 
     with pytest.raises(ConfigError, match="engine_workers"):
         from_dict(EvalConfig, {"engine_workers": 0}, file="t.toml")
+
+
+def test_ifeval_paired_weights_instruction_metrics_by_instruction_count_and_pairs_items():
+    """Prompt A has 3 instructions, B has 1. System a passes all of A's and none of B's, system b the reverse:
+    prompt-level both 50 points (difference 0), instruction-level a = 3/4 and b = 1/4 of the instructions."""
+    from eval.stats import paired_bootstrap_diff
+
+    def sc(prompt: float, inst: float, n: int) -> dict:
+        return {"prompt_strict": prompt, "inst_strict": inst, "prompt_loose": prompt, "inst_loose": inst, "n_inst": n}
+
+    a = [sc(1, 1, 3), sc(0, 0, 1)] * 20
+    b = [sc(0, 0, 3), sc(1, 1, 1)] * 20
+    out = ifeval_paired(a, b, names=("a", "b"))
+    assert set(out) == {"prompt_strict", "inst_strict", "prompt_loose", "inst_loose"}
+    assert out["prompt_strict"].mean_a == out["prompt_strict"].mean_b == 50.0
+    assert out["prompt_strict"].diff.estimate == 0.0
+    assert out["inst_strict"].mean_a == 75.0 and out["inst_strict"].mean_b == 25.0
+    assert out["inst_strict"].diff.estimate == pytest.approx(50.0)
+    direct = paired_bootstrap_diff([100 * s["inst_strict"] for s in a], [100 * s["inst_strict"] for s in b],
+                                   [s["n_inst"] for s in b], min_seeds_a=1, min_seeds_b=1)
+    assert (out["inst_strict"].diff.lo, out["inst_strict"].diff.hi) == (direct.lo, direct.hi)
+    assert out["inst_strict"].diff.mde == pytest.approx(2.8 * (direct.hi - direct.lo) / 3.92)
+    with pytest.raises(ValueError, match="same prompts"):
+        ifeval_paired(a, b[:-1])

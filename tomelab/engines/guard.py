@@ -176,8 +176,7 @@ def ifeval_leg(quant: str | Path, reference: str | Path, template: Any, tokenize
                lora: str | Path | None = None) -> dict:
     """IFEval prompt-strict of the quantised file's own llama.cpp answers vs the f16 file's, paired per prompt;
     passes when the 95% CI lower bound of (quantised - f16) is above -`margin` points."""
-    from eval.sets import load_ifeval, score_ifeval, stable_subset
-    from eval.stats import paired_bootstrap_diff
+    from eval.sets import ifeval_paired, load_ifeval, score_ifeval, stable_subset
     from tomelab.engines.chat import stop_token_ids
 
     items = stable_subset(load_ifeval().items, None)[:n]
@@ -188,12 +187,12 @@ def ifeval_leg(quant: str | Path, reference: str | Path, template: Any, tokenize
     if key not in _REFERENCE_ANSWERS:
         _REFERENCE_ANSWERS[key] = _ifeval_answers(ref, tokenizer, stop, prompts, max_new_tokens)
     ra, qa = _REFERENCE_ANSWERS[key], _ifeval_answers(Path(quant), tokenizer, stop, prompts, max_new_tokens, lora)
-    a = [100.0 * float(score_ifeval(it, qa[it.id])["prompt_strict"]) for it in items]
-    b = [100.0 * float(score_ifeval(it, ra[it.id])["prompt_strict"]) for it in items]
-    ci = paired_bootstrap_diff(a, b, None, min_seeds_a=1, min_seeds_b=1, names=("quantised", "f16"))
-    return {"passed": ci.lo >= -margin, "n_items": len(items), "quant": round(float(np.mean(a)), 2),
-            "reference": round(float(np.mean(b)), 2), "diff": round(ci.estimate, 2), "lo": round(ci.lo, 2),
-            "hi": round(ci.hi, 2), "mde": round(2.8 * (ci.hi - ci.lo) / 3.92, 2), "margin": margin,
+    m = ifeval_paired([score_ifeval(it, qa[it.id]) for it in items], [score_ifeval(it, ra[it.id]) for it in items],
+                      ("prompt_strict",), names=("quantised", "f16"))["prompt_strict"]
+    ci = m.diff
+    return {"passed": ci.lo >= -margin, "n_items": len(items), "quant": round(m.mean_a, 2),
+            "reference": round(m.mean_b, 2), "diff": round(ci.estimate, 2), "lo": round(ci.lo, 2),
+            "hi": round(ci.hi, 2), "mde": round(ci.mde, 2), "margin": margin,
             "identical": sum(qa[it.id] == ra[it.id] for it in items), "max_new_tokens": max_new_tokens,
             "criterion": f"95% CI lower bound of IFEval prompt-strict (quantised - f16) >= -{margin:g} points"}
 
@@ -219,7 +218,6 @@ def quality_guard(quant: str | Path, reference: str | Path, template: Any, token
     w = [nq[c][1] for c in ids]
     a, b = [nq[c][0] for c in ids], [nr[c][0] for c in ids]
     ci = paired_bootstrap_diff(a, b, w, min_seeds_a=1, min_seeds_b=1, names=("quantised", "f16"))
-    mde = 2.8 * (ci.hi - ci.lo) / 3.92
     wa = float(np.average(a, weights=w))
     wb = float(np.average(b, weights=w))
     passed = ci.hi <= margin
@@ -229,7 +227,7 @@ def quality_guard(quant: str | Path, reference: str | Path, template: Any, token
     return GuardReport(passed=passed and (leg is None or leg["passed"]), quant=str(quant) + (f" + {lora}" if lora else ""),
                        reference=str(reference),
                        n_items=len(ids), quant_nll=round(wa, 5), reference_nll=round(wb, 5), diff=round(ci.estimate, 5),
-                       lo=round(ci.lo, 5), hi=round(ci.hi, 5), mde=round(mde, 5), margin=margin,
+                       lo=round(ci.lo, 5), hi=round(ci.hi, 5), mde=round(ci.mde, 5), margin=margin,
                        criterion=criterion + (f"; {leg['criterion']}" if leg else ""), slice=slice_name, ifeval=leg)
 
 
