@@ -22,7 +22,11 @@ other processes hits them alike. Printed, all measured in this run:
 `--loops R M` adds, for each `--ct2` and `--gguf-type` type, a side with loop extrapolation (`loop_repeats = R`,
 `loop_min_tokens = M`): its answers caught in a token cycle are written out, not decoded, so its tokens
 per second count tokens it never decoded; its speed-up is the wall-time ratio, and its greedy match
-against the same engine without the rule says whether the written-out answers are the decoded ones.
+against the same engine without the rule says whether the written-out answers are the decoded ones, and the
+paired IFEval difference (all four metrics) what the rule costs.
+
+`--from-json PATH` generates nothing: it re-scores the answers of a saved run (its `--json`) with today's
+checkers and prints the same report, its timings those of the saved run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,35 +60,21 @@ def _loops_tag(rule) -> str:
     return f" +loops {rule.min_repeats}x{rule.min_tokens}" if rule else ""
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="base name, run dir or merged export")
-    ap.add_argument("--limit", type=int, default=24, help="IFEval prompts (the eval's item order)")
-    ap.add_argument("--max-new-tokens", type=int, default=192)
-    ap.add_argument("--batch-size", type=int, default=16, help="transformers side")
-    ap.add_argument("--hf-threads", type=int, default=2, help="torch threads of the transformers side (2: both cores)")
-    ap.add_argument("--workers", type=int, default=2, help="llama.cpp servers / CTranslate2 batch workers of 1 thread each (2: both cores)")
-    ap.add_argument("--slots", type=int, default=8, help="llama.cpp parallel sequences per server")
-    ap.add_argument("--gguf-type", nargs="*", default=["f16"], help="GGUF types served by llama.cpp (none: skip llama.cpp)")
-    ap.add_argument("--ct2", nargs="*", default=[], help="CTranslate2 compute types to add (int8, int16, float32, ...)")
-    ap.add_argument("--ct2-batch", type=int, default=16, help="CTranslate2 prompts per batch (`--workers` batches at once)")
-    ap.add_argument("--loops", type=int, nargs=2, metavar=("REPEATS", "MIN_TOKENS"), default=None,
-                    help="also run each --ct2 and --gguf-type type with loop extrapolation (eval's loop_repeats, loop_min_tokens)")
-    ap.add_argument("--chunk", type=int, default=0, help="prompts per turn of the interleaving (0: the largest batch of any side)")
-    ap.add_argument("--json", default="artifacts/bench/eval_engine.json")
-    args = ap.parse_args()
+def _chunk(args: argparse.Namespace) -> int:
+    """Prompts per turn of the interleaving: `--chunk`, or the largest batch of any side."""
+    return args.chunk or max(args.batch_size, args.workers * args.slots, args.workers * args.ct2_batch if args.ct2 else 0)
 
-    import numpy as np
+
+def _generate(args: argparse.Namespace, prompts: list) -> tuple[dict, Any]:
+    """Every side's answers and seconds; the sides take turns chunk by chunk, so load from other processes on
+    the shared CPU hits them alike."""
     import torch
 
     from eval.generate import generate_greedy, generate_greedy_batched, generate_greedy_engine
-    from eval.sets import ifeval_paired, load_ifeval, score_ifeval, stable_subset
     from tomelab.engines.choice import load_engine, load_for_inference
     from tomelab.engines.loops import LoopRule
 
     torch.set_num_threads(args.hf_threads)
-    items = stable_subset(load_ifeval().items, None)[: args.limit]
-    prompts = [(it.id, it.messages) for it in items]
     model, tok = load_for_inference(args.model, dtype="float32")
     runs = {"transformers fp32": lambda ps: generate_greedy(model, tok, ps, max_new_tokens=args.max_new_tokens,
                                                             batch_size=args.batch_size, desc="transformers")}
@@ -102,14 +93,58 @@ def main() -> int:
             runs[name + _loops_tag(rule)] = (
                 lambda e, r: lambda ps: generate_greedy_batched(e, ps, max_new_tokens=args.max_new_tokens,
                                                                 batch_size=args.ct2_batch, desc="generate", loop_rule=r))(ct2, rule)
-    # sides take turns chunk by chunk, so load from other processes on the shared CPU hits them alike
-    chunk = args.chunk or max(args.batch_size, args.workers * args.slots, args.workers * args.ct2_batch if args.ct2 else 0)
     acc = {name: {"outputs": {}, "seconds": 0.0} for name in runs}
+    chunk = _chunk(args)
     for i in range(0, len(prompts), chunk):
         for name, fn in runs.items():
             t0 = time.perf_counter()
             acc[name]["outputs"].update(fn(prompts[i : i + chunk]))
             acc[name]["seconds"] += time.perf_counter() - t0
+    return acc, tok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="base name, run dir or merged export")
+    ap.add_argument("--limit", type=int, default=24, help="IFEval prompts (the eval's item order)")
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--batch-size", type=int, default=16, help="transformers side")
+    ap.add_argument("--hf-threads", type=int, default=2, help="torch threads of the transformers side (2: both cores)")
+    ap.add_argument("--workers", type=int, default=2, help="llama.cpp servers / CTranslate2 batch workers of 1 thread each (2: both cores)")
+    ap.add_argument("--slots", type=int, default=8, help="llama.cpp parallel sequences per server")
+    ap.add_argument("--gguf-type", nargs="*", default=["f16"], help="GGUF types served by llama.cpp (none: skip llama.cpp)")
+    ap.add_argument("--ct2", nargs="*", default=[], help="CTranslate2 compute types to add (int8, int16, float32, ...)")
+    ap.add_argument("--ct2-batch", type=int, default=16, help="CTranslate2 prompts per batch (`--workers` batches at once)")
+    ap.add_argument("--loops", type=int, nargs=2, metavar=("REPEATS", "MIN_TOKENS"), default=None,
+                    help="also run each --ct2 and --gguf-type type with loop extrapolation (eval's loop_repeats, loop_min_tokens)")
+    ap.add_argument("--chunk", type=int, default=0, help="prompts per turn of the interleaving (0: the largest batch of any side)")
+    ap.add_argument("--json", default="artifacts/bench/eval_engine.json")
+    ap.add_argument("--from-json", default=None, metavar="PATH",
+                    help="generate nothing: re-score and print a saved run (the --json of an earlier run, its settings)")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    from eval.sets import IFEVAL_METRICS, ifeval_paired, load_ifeval, score_ifeval, stable_subset
+
+    if args.from_json:
+        try:
+            saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+            vars(args).update({k: v for k, v in saved["args"].items() if k not in ("json", "from_json")})
+            acc = {n: {"outputs": r["outputs"], "seconds": r["seconds"]} for n, r in saved["results"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"{args.from_json}: not a saved run of this bench ({e}); pass the --json file of an earlier run",
+                  file=sys.stderr)
+            return 2
+    items = stable_subset(load_ifeval().items, None)[: args.limit]
+    prompts = [(it.id, it.messages) for it in items]
+    if args.from_json:
+        from training.load import describe, load_base_tokenizer
+
+        tok = load_base_tokenizer(describe(args.model)["base"] or args.model)
+    else:
+        acc, tok = _generate(args, prompts)
+    chunk = _chunk(args)
     results = {}
     for name, a in acc.items():
         outs, sec = a["outputs"], a["seconds"]
@@ -153,7 +188,7 @@ def main() -> int:
               f"mean common prefix {c['mean_prefix']:.2f}")
         for metric, d in c["diffs"].items():
             print(f"  paired diff {metric} (fast - transformers): {d['estimate']:+.1f} points, 95% CI [{d['lo']:+.1f}, "
-                  f"{d['hi']:+.1f}], MDE {d['mde']:.1f} -> {'agree (CI contains 0)' if d['agree'] else 'DIFFER'}")
+                  f"{d['hi']:+.1f}], MDE {d['mde']:.1f} -> {'agree (CI contains 0: no difference larger than the MDE)' if d['agree'] else 'DIFFER'}")
     for name in compare:
         r = results[name]
         if " +loops " in name:  # tokens it wrote out were never decoded: wall time is its speed
@@ -163,6 +198,9 @@ def main() -> int:
             compare[name]["identical_to_full_decoding"] = same
             print(f"{name}: {same}/{len(items)} answers identical to the same engine decoding every token; "
                   f"{plain['seconds'] / r['seconds']:.2f}x its wall time")
+            for metric, m in ifeval_paired(r["scores"], plain["scores"], IFEVAL_METRICS, names=("loops", "full")).items():
+                print(f"  paired diff {metric} (loops - decoding every token): {m.diff.estimate:+.2f} points, 95% CI "
+                      f"[{m.diff.lo:+.2f}, {m.diff.hi:+.2f}]")
         else:
             speed = r["tok_s"] / ref["tok_s"]
         print(f"goal (issue 19): evaluation generation >= 6x faster than transformers on the same cores: "
@@ -171,7 +209,7 @@ def main() -> int:
               f"{r['projected_full_ifeval_min']:.1f} min -> {'met' if r['projected_full_ifeval_min'] <= 15 else 'NOT met'}")
     print("projection: full IFEval = 540 prompts x (mean answer length scaled to 512 new tokens, capped) / tok/s; "
           "an upper bound, since answers that stop early do not grow")
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "n": len(items), "compare": compare,
                                                "results": {k: {kk: vv for kk, vv in v.items() if kk != "scores"}

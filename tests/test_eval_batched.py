@@ -170,3 +170,37 @@ def test_real_llamacpp_servers_through_evaluate_with_and_without_a_loop_rule(tmp
     assert looped["sets"]["ifeval"]["config_hash"] != full["sets"]["ifeval"]["config_hash"]
     out = {r["id"]: r["output"] for r in map(json.loads, path.read_text().splitlines())}
     assert out.keys() == decoded.keys() and sum(out[i] == decoded[i] for i in out) >= 2
+
+
+def test_eval_engine_bench_rescores_a_saved_run_without_generating(tmp_home: Path, smollm2_dir: Path, shared_data: Path):
+    """`bench/eval_engine.py --from-json` reads a saved run's answers and timings, re-scores them and prints the
+    report (a loop side against its engine decoding every token included), writes nothing; a file that is not a
+    saved run is one line and exit 2."""
+    import subprocess
+    import sys
+
+    from eval.sets import load_ifeval, stable_subset
+
+    root = Path(__file__).resolve().parent.parent
+    ids = [it.id for it in stable_subset(load_ifeval().items, None)[:2]]
+    answers = {"transformers fp32": (["Sure.", "No."], 1.0), "ctranslate2 int8 2x16 batch": (["Sure.", "No."], 0.2),
+               "ctranslate2 int8 2x16 batch +loops 3x128": (["Sure.", "Yes, yes, yes."], 0.1)}
+    saved = {"args": {"model": "smollm2-135m-instruct", "limit": 2, "max_new_tokens": 16, "batch_size": 16,
+                      "hf_threads": 2, "workers": 2, "slots": 8, "gguf_type": [], "ct2": ["int8"], "ct2_batch": 16,
+                      "loops": [3, 128], "chunk": 0, "json": "x.json"},
+             "results": {name: {"outputs": dict(zip(ids, outs)), "seconds": sec} for name, (outs, sec) in answers.items()}}
+    run_json = tmp_home / "saved.json"
+    run_json.write_text(json.dumps(saved), encoding="utf-8")
+    bench = [sys.executable, str(root / "bench" / "eval_engine.py"), "--from-json"]
+    p = subprocess.run([*bench, str(run_json)], cwd=tmp_home, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "ctranslate2 int8 2x16 batch +loops 3x128: 1/2 answers identical to the same engine decoding every token; " \
+           "2.00x its wall time" in p.stdout
+    assert p.stdout.count("(loops - decoding every token)") == 4
+    assert "ctranslate2 int8 2x16 batch +loops 3x128 10.00x wall time -> met" in p.stdout
+    assert {x.name for x in tmp_home.iterdir()} - {"models", "cache"} == {"saved.json"}  # no report written (cache: Punkt)
+
+    bad = subprocess.run([*bench, str(tmp_home / "missing.json")], cwd=tmp_home, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "missing.json: not a saved run of this bench" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
